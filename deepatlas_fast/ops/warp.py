@@ -1,26 +1,79 @@
-"""3D trilinear / nearest warp: ``out(x) = image(x + disp(x))`` in voxel units.
+"""3D warp op: ``out(x) = image(x + disp(x))``, trilinear or nearest, in voxel units.
 
-TEMPORARY pure-torch implementation (grid_sample); replaced by the fused C++/CUDA op.
-The signature is final.
+Python side of ``torch.ops.deepatlas_fast.warp``: fake kernels (torch.compile, export) and
+autograd. The kernels are in csrc/warp/.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ._library import ops
 
 MODES = ("linear", "nearest")
 PADDINGS = ("zeros", "border")
 
 
 def warp(image: torch.Tensor, disp: torch.Tensor, *, mode: str = "linear", padding: str = "zeros") -> torch.Tensor:
-    """Sample ``image`` [B, C, D, H, W] at ``x + disp(x)``; ``disp`` is [B, 3, D', H', W'] in voxels, (d, h, w) order."""
-    B, _, D, H, W = image.shape
-    Dp, Hp, Wp = disp.shape[2:]
-    grids = torch.meshgrid(
-        *[torch.arange(s, dtype=disp.dtype, device=disp.device) for s in (Dp, Hp, Wp)], indexing="ij"
-    )
-    loc = torch.stack(grids)[None] + disp
-    sizes = torch.tensor([D, H, W], dtype=disp.dtype, device=disp.device).view(1, 3, 1, 1, 1)
-    grid = (2 * loc / (sizes - 1) - 1).permute(0, 2, 3, 4, 1)[..., [2, 1, 0]]
-    return F.grid_sample(image, grid, mode="bilinear" if mode == "linear" else "nearest",
-                         padding_mode=padding, align_corners=True)
+    """Sample ``image`` at ``x + disp(x)``.
+
+    Args:
+        image: [B, C, D, H, W].
+        disp: [B, 3, D', H', W'] displacement in voxels of ``image``, channels (d, h, w).
+            The output takes the grid of ``disp`` (which may differ from the image's).
+        mode: "linear" (trilinear) or "nearest" (labels; no gradient to ``disp``).
+        padding: "zeros" (outside is 0) or "border" (outside takes the nearest edge value).
+
+    Returns:
+        [B, C, D', H', W'], equal to VoxelMorph's SpatialTransformer and to
+        ``grid_sample(image, normalise(identity + disp)[..., [2, 1, 0]], align_corners=True)``.
+        A non-finite displacement gives NaN at that voxel.
+
+    Gradients flow to both inputs (only to those that require them). CPU: float32/float64,
+    deterministic. CUDA: also float16/bfloat16 (float32 accumulation); the image gradient uses
+    atomics and is not bitwise deterministic.
+    """
+    if mode not in MODES:
+        raise ValueError(f"warp: mode must be one of {MODES}, got {mode!r}")
+    if padding not in PADDINGS:
+        raise ValueError(f"warp: padding must be one of {PADDINGS}, got {padding!r}")
+    return ops.warp(image, disp, mode, padding)
+
+
+def _out_shape(image, disp):
+    return (image.shape[0], image.shape[1], *disp.shape[2:])
+
+
+@torch.library.register_fake("deepatlas_fast::warp")
+def _warp_fake(image, disp, mode="linear", padding="zeros"):
+    torch._check(image.dim() == 5, lambda: "warp: image must be 5-D [B, C, D, H, W]")
+    torch._check(disp.dim() == 5 and disp.shape[1] == 3, lambda: "warp: disp must be [B, 3, D, H, W]")
+    return image.new_empty(_out_shape(image, disp))
+
+
+@torch.library.register_fake("deepatlas_fast::warp_backward_image")
+def _warp_backward_image_fake(grad_out, image, disp, mode, padding):
+    return torch.empty_like(image, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("deepatlas_fast::warp_backward_disp")
+def _warp_backward_disp_fake(grad_out, image, disp, mode, padding):
+    return disp.new_empty((disp.shape[0], 3, *disp.shape[2:]))
+
+
+def _setup_context(ctx, inputs, output):
+    image, disp, mode, padding = inputs
+    ctx.mode, ctx.padding = mode, padding
+    ctx.save_for_backward(image, disp)
+
+
+def _backward(ctx, grad_out):
+    image, disp = ctx.saved_tensors
+    grad_image = grad_disp = None
+    if ctx.needs_input_grad[0]:
+        grad_image = ops.warp_backward_image(grad_out, image, disp, ctx.mode, ctx.padding)
+    if ctx.needs_input_grad[1]:
+        grad_disp = ops.warp_backward_disp(grad_out, image, disp, ctx.mode, ctx.padding)
+    return grad_image, grad_disp, None, None
+
+
+torch.library.register_autograd("deepatlas_fast::warp", _backward, setup_context=_setup_context)

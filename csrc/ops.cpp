@@ -1,0 +1,11 @@
+// Schemas of every op of the package: the whole API surface of the C++ library in one place.
+// Kernels register per backend in <op>/<op>_cpu.cpp and <op>/<op>_cuda.cu.
+#include <torch/library.h>
+
+TORCH_LIBRARY(deepatlas_fast, m) {
+  // out[b, c, x] = image[b, c, x + disp[b, :, x]] (voxel units, channels d, h, w).
+  // mode: "linear" | "nearest"; padding: "zeros" | "border".
+  m.def("warp(Tensor image, Tensor disp, str mode=\"linear\", str padding=\"zeros\") -> Tensor");
+  m.def("warp_backward_image(Tensor grad_out, Tensor image, Tensor disp, str mode, str padding) -> Tensor");
+  m.def("warp_backward_disp(Tensor grad_out, Tensor image, Tensor disp, str mode, str padding) -> Tensor");
+}

@@ -1,0 +1,86 @@
+// Host-side argument checks and geometry for the warp op, shared by the CPU, CUDA and
+// emulated launchers so every backend rejects bad input with the same message.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include "warp/warp_math.h"
+
+namespace deepatlas_fast {
+namespace warp {
+
+inline Mode parse_mode(c10::string_view mode) {
+  if (mode == "linear") return Mode::Linear;
+  if (mode == "nearest") return Mode::Nearest;
+  TORCH_CHECK_VALUE(false, "warp: mode must be 'linear' or 'nearest', got '", std::string(mode), "'");
+}
+
+inline Padding parse_padding(c10::string_view padding) {
+  if (padding == "zeros") return Padding::Zeros;
+  if (padding == "border") return Padding::Border;
+  TORCH_CHECK_VALUE(false, "warp: padding must be 'zeros' or 'border', got '", std::string(padding),
+                    "'");
+}
+
+inline Strides5 strides5(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+// Checks image [B, C, D, H, W] and disp [B, 3, D', H', W']; returns the geometry.
+// cpu: float32/float64 only; CUDA also takes float16/bfloat16 (float32 accumulation).
+inline Geometry check_inputs(const char* op, const at::Tensor& image, const at::Tensor& disp,
+                             c10::string_view mode, c10::string_view padding) {
+  TORCH_CHECK_VALUE(image.dim() == 5, op, ": image must be 5-D [B, C, D, H, W], got shape ",
+                    image.sizes());
+  TORCH_CHECK_VALUE(disp.dim() == 5 && disp.size(1) == 3, op,
+                    ": disp must be [B, 3, D, H, W] (displacement in voxels, channels d, h, w), "
+                    "got shape ",
+                    disp.sizes());
+  TORCH_CHECK_VALUE(image.size(0) == disp.size(0), op, ": image and disp batch sizes differ (",
+                    image.size(0), " vs ", disp.size(0), ")");
+  TORCH_CHECK_VALUE(image.numel() > 0, op, ": image is empty, shape ", image.sizes());
+  TORCH_CHECK_VALUE(disp.numel() > 0, op, ": disp is empty, shape ", disp.sizes());
+  TORCH_CHECK_VALUE(image.device() == disp.device(), op, ": image is on ", image.device(),
+                    " but disp is on ", disp.device());
+  TORCH_CHECK_TYPE(image.scalar_type() == disp.scalar_type(), op, ": image is ",
+                   image.scalar_type(), " but disp is ", disp.scalar_type(),
+                   "; both must have one dtype");
+  const auto dt = image.scalar_type();
+  if (image.is_cuda()) {
+    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                     op, ": CUDA tensors must be float32, float64, float16 or bfloat16, got ", dt);
+  } else {
+    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble, op,
+                     ": CPU tensors must be float32 or float64, got ", dt);
+  }
+  Geometry g;
+  g.batch = image.size(0);
+  g.channels = image.size(1);
+  g.in_d = image.size(2);
+  g.in_h = image.size(3);
+  g.in_w = image.size(4);
+  g.out_d = disp.size(2);
+  g.out_h = disp.size(3);
+  g.out_w = disp.size(4);
+  g.mode = parse_mode(mode);
+  g.padding = parse_padding(padding);
+  return g;
+}
+
+inline void check_grad_out(const char* op, const at::Tensor& grad_out, const Geometry& g,
+                           const at::Tensor& image) {
+  TORCH_CHECK_VALUE(grad_out.dim() == 5 && grad_out.size(0) == g.batch &&
+                        grad_out.size(1) == g.channels && grad_out.size(2) == g.out_d &&
+                        grad_out.size(3) == g.out_h && grad_out.size(4) == g.out_w,
+                    op, ": grad_out must have the output's shape [", g.batch, ", ", g.channels,
+                    ", ", g.out_d, ", ", g.out_h, ", ", g.out_w, "], got ", grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == image.scalar_type(), op, ": grad_out is ",
+                   grad_out.scalar_type(), " but image is ", image.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.device() == image.device(), op, ": grad_out is on ",
+                    grad_out.device(), " but image is on ", image.device());
+}
+
+}  // namespace warp
+}  // namespace deepatlas_fast

@@ -1,0 +1,41 @@
+// CUDA registration of the warp op: device guard + the real launcher; all else is shared.
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/cuda_launcher.cuh"
+#include "warp/warp_kernels.cuh"
+
+namespace deepatlas_fast {
+namespace warp {
+namespace {
+
+at::Tensor warp_cuda(const at::Tensor& image, const at::Tensor& disp, c10::string_view mode,
+                     c10::string_view padding) {
+  const c10::cuda::CUDAGuard guard(image.device());
+  return warp_forward_device(CudaLauncher{}, image, disp, mode, padding);
+}
+
+at::Tensor warp_backward_image_cuda(const at::Tensor& grad_out, const at::Tensor& image,
+                                    const at::Tensor& disp, c10::string_view mode,
+                                    c10::string_view padding) {
+  const c10::cuda::CUDAGuard guard(image.device());
+  return warp_backward_image_device(CudaLauncher{}, grad_out, image, disp, mode, padding);
+}
+
+at::Tensor warp_backward_disp_cuda(const at::Tensor& grad_out, const at::Tensor& image,
+                                   const at::Tensor& disp, c10::string_view mode,
+                                   c10::string_view padding) {
+  const c10::cuda::CUDAGuard guard(image.device());
+  return warp_backward_disp_device(CudaLauncher{}, grad_out, image, disp, mode, padding);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deepatlas_fast, CUDA, m) {
+  m.impl("warp", &warp_cuda);
+  m.impl("warp_backward_image", &warp_backward_image_cuda);
+  m.impl("warp_backward_disp", &warp_backward_disp_cuda);
+}
+
+}  // namespace warp
+}  // namespace deepatlas_fast
