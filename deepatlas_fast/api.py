@@ -1,0 +1,118 @@
+"""Python API: load a trained run, segment and register arrays or NIfTI files.
+
+    from deepatlas_fast.api import load_run
+    run = load_run("runs/brain")                      # latest checkpoint of the run
+    run.segment_file("sub.nii.gz", "sub_seg.nii.gz")  # original label values, input affine
+    out = run.register_file("mov.nii.gz", "tgt.nii.gz", "warped.nii.gz",
+                            labels="mov_seg.nii.gz", labels_out="warped_seg.nii.gz", disp_out="disp.nii.gz")
+
+Arrays: ``run.segment(image)`` -> label map; ``run.register(moving, target, moving_labels=None)`` ->
+dict(warped, disp, warped_labels). ``disp`` is [3, D, H, W] in voxels of the input grid, (i, j, k)
+order: the moving image is sampled at x + disp(x).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import load_header, load_nifti, save_nifti
+from .nets import build_nets
+from .ops import warp
+from .preprocess import Preprocessing
+
+
+class Run:
+    """The trained nets of a run plus its pre/post-processing."""
+
+    def __init__(self, ckpt: dict, *, device="cpu", source: str = "?"):
+        self.config = json.loads(ckpt["config"])
+        self.prep = Preprocessing.from_dict(json.loads(ckpt["preprocessing"]))
+        self.device = torch.device(device)
+        self.reg_net, self.seg_net = build_nets(self.config["model"], self.prep.num_classes)
+        self.reg_net.load_state_dict(ckpt["reg"])
+        self.seg_net.load_state_dict(ckpt["seg"])
+        for net in (self.reg_net, self.seg_net):
+            net.to(self.device).eval()
+        self.stage, self.step, self.completed = ckpt["stage"], ckpt["stage_step"], ckpt["completed"]
+        self.source = source
+
+    @property
+    def labels(self):
+        return self.prep.labels
+
+    def _check_spacing(self, spacing, name):
+        ref = self.prep.spacing
+        if ref is not None and spacing is not None and not np.allclose(spacing, ref, rtol=0.05):
+            print(f"warning: {name} has voxel size {tuple(round(s, 3) for s in spacing)} mm but the run was "
+                  f"trained at {tuple(ref)} mm; resample it for reliable results", file=sys.stderr)
+
+    @torch.no_grad()
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """3D image on any grid -> label map (original label values) on the same grid."""
+        x = self.prep.image(image).to(self.device)
+        return self.prep.logits_to_labels(self.seg_net(x).cpu(), image.shape)
+
+    @torch.no_grad()
+    def register(self, moving: np.ndarray, target: np.ndarray, moving_labels: np.ndarray | None = None) -> dict:
+        """Warp ``moving`` onto ``target`` (same grid). Returns warped (moving's intensities),
+        disp [3, D, H, W] (voxels, original grid) and warped_labels (original values) if labels given."""
+        if moving.shape != target.shape:
+            raise ValueError(f"moving {moving.shape} and target {target.shape} must share one grid (pre-align them first)")
+        m = self.prep.image(moving, name="moving").to(self.device)
+        t = self.prep.image(target, name="target").to(self.device)
+        disp = self.prep.disp_to_original(self.reg_net(m, t).cpu(), moving.shape)
+        out = {"disp": disp[0].numpy(),
+               "warped": warp(torch.from_numpy(np.asarray(moving, np.float32))[None, None], disp)[0, 0].numpy()}
+        if moving_labels is not None:
+            if moving_labels.shape != moving.shape:
+                raise ValueError(f"moving labels {moving_labels.shape} and moving image {moving.shape} differ in shape")
+            cls = torch.from_numpy(self.labels.to_classes(np.asarray(moving_labels), name="moving labels"))
+            wl = warp(cls[None, None].float(), disp, mode="nearest")[0, 0].round().long()
+            out["warped_labels"] = self.labels.to_values(wl.numpy())
+        return out
+
+    # -- files
+    def segment_file(self, image_path, out_path) -> Path:
+        img, affine = load_nifti(image_path)
+        self._check_spacing(load_header(image_path)[2], image_path)
+        return save_nifti(out_path, self.segment(img), affine)
+
+    def register_file(self, moving_path, target_path, out_path, *, labels=None, labels_out=None, disp_out=None) -> dict:
+        mov, maff = load_nifti(moving_path)
+        tgt, taff = load_nifti(target_path)
+        if mov.shape != tgt.shape or not np.allclose(maff, taff, atol=1e-3):
+            raise ValueError(f"{moving_path} and {target_path} must share one grid (shape and affine); "
+                             "pre-align/resample the moving image onto the target first")
+        self._check_spacing(load_header(target_path)[2], target_path)
+        lab = None
+        if labels is not None:
+            lab, laff = load_nifti(labels, label=True)
+            if lab.shape != mov.shape:
+                raise ValueError(f"{labels}: shape {lab.shape} differs from the moving image {mov.shape}")
+        res = self.register(mov, tgt, lab)
+        # the warped moving image lives on the target grid: write it with the target's affine
+        save_nifti(out_path, res["warped"], taff, dtype=np.float32)
+        if labels_out is not None:
+            if lab is None:
+                raise ValueError("labels_out needs labels (the moving image's label map)")
+            save_nifti(labels_out, res["warped_labels"], taff)
+        if disp_out is not None:
+            save_nifti(disp_out, np.moveaxis(res["disp"], 0, -1).astype(np.float32), taff)
+        return res
+
+
+def load_run(run_dir, *, device="cpu", checkpoint=None) -> Run:
+    """Latest checkpoint of ``run_dir`` (or the given checkpoint file) -> Run."""
+    from .train import latest_checkpoint, load_checkpoint
+    if checkpoint is not None:
+        ckpt, src = load_checkpoint(checkpoint), str(checkpoint)
+    else:
+        path, ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint found (is this a deepatlas-fast run directory?)")
+        src = str(path)
+    return Run(ckpt, device=device, source=src)

@@ -1,0 +1,55 @@
+"""Command line: ``deepatlas-fast <command> ...``.
+
+Each command is a module ``deepatlas_fast.commands.<name>`` with ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their command runs (or to build the parser),
+so a new command is one module plus one entry in ``COMMANDS``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# name -> one-line help; order is the order shown by --help
+COMMANDS = {
+    "train": "train the registration and segmentation nets (stages seg, reg, semi-da, da, all)",
+    "evaluate": "Dice per structure, folding and figures of a trained run on a datalist split",
+    "segment": "segment a NIfTI image with a trained run",
+    "register": "register a moving NIfTI image to a target with a trained run",
+}
+
+
+def _module(name: str):
+    return importlib.import_module(f"deepatlas_fast.commands.{name.replace('-', '_')}")
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepatlas-fast", description="DeepAtlas: joint registration and segmentation")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    # only the chosen command's module is imported (keeps `--help` of one command light)
+    chosen = next((a for a in (argv or []) if a in COMMANDS), None)
+    for name, help_ in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if chosen is None or name == chosen:
+            _module(name).add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return int(_module(args.command).run(args) or 0)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        # user errors (bad paths, data, config): one clear line, no traceback
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"deepatlas-fast {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

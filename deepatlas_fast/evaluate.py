@@ -1,0 +1,167 @@
+"""Evaluation of a run: segmentation and registration Dice per structure, folding, figures.
+
+Dice is computed on the original grid in original label values, background (0) excluded; a
+structure absent from both maps gives NaN and is left out of means. Registration Dice compares
+the moving labels warped (nearest) by F_R with the target labels, for ordered pairs of labelled
+images; "unregistered" is the same without warping (the baseline a registration must beat).
+
+Output folder (default RUN_DIR/eval/SPLIT)::
+
+    dice_seg.csv, dice_reg.csv, dice_unregistered.csv   one row per image / pair, one column per structure
+    summary.json     {"split", "structures", "seg"|"reg"|"unregistered": {"mean", "per_structure"},
+                      "reg": {..., "folding_fraction"}}  (folding: share of voxels with det J <= 0)
+    seg_example.png, reg_example.png, dice_per_structure.png
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import VolumeDataset, check_grids, read_data
+from .io import LabelTable
+
+
+def dice_per_class(pred, target, classes) -> np.ndarray:
+    """Hard Dice of integer maps for each value in ``classes`` (NaN where absent from both)."""
+    p = torch.as_tensor(np.asarray(pred) if not torch.is_tensor(pred) else pred).reshape(-1).long()
+    t = torch.as_tensor(np.asarray(target) if not torch.is_tensor(target) else target).reshape(-1).long()
+    out = []
+    for c in classes:
+        pc, tc = p == c, t == c
+        denom = int(pc.sum() + tc.sum())
+        out.append(np.nan if denom == 0 else 2.0 * int((pc & tc).sum()) / denom)
+    return np.asarray(out, dtype=np.float64)
+
+
+def jacobian_determinant(disp) -> np.ndarray:
+    """det of d(x + u)/dx for ``disp`` [3, D, H, W] (voxels), central differences."""
+    u = np.asarray(disp, dtype=np.float64)
+    grads = [np.gradient(u[i]) for i in range(3)]  # grads[i][j] = du_i / dx_j
+    J = [[grads[i][j] + (1.0 if i == j else 0.0) for j in range(3)] for i in range(3)]
+    return (J[0][0] * (J[1][1] * J[2][2] - J[1][2] * J[2][1])
+            - J[0][1] * (J[1][0] * J[2][2] - J[1][2] * J[2][0])
+            + J[0][2] * (J[1][0] * J[2][1] - J[1][1] * J[2][0]))
+
+
+def folding_fraction(disp) -> float:
+    """Share of voxels where the map x + u(x) folds (Jacobian determinant <= 0)."""
+    return float((jacobian_determinant(disp) <= 0).mean())
+
+
+def _write_csv(path, key_cols, rows, structures):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(key_cols + ["mean"] + [str(s) for s in structures])
+        for keys, d in rows:
+            w.writerow(list(keys) + [_fmt(np.nanmean(d) if np.isfinite(d).any() else np.nan)] + [_fmt(v) for v in d])
+
+
+def _fmt(v):
+    return "" if not np.isfinite(v) else f"{v:.4f}"
+
+
+def _summary(rows, structures):
+    if not rows:
+        return None
+    arr = np.array([d for _, d in rows])
+    per = {str(s): (None if not np.isfinite(arr[:, i]).any() else float(np.nanmean(arr[:, i])))
+           for i, s in enumerate(structures)}
+    return {"mean": float(np.nanmean(arr)) if np.isfinite(arr).any() else None, "n": len(rows), "per_structure": per}
+
+
+def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_pairs: int = 20,
+             figures: bool = True, progress: bool = True) -> dict:
+    """Evaluate ``run`` (a run directory or a ``Run``) on a split of ``data`` -> summary dict.
+
+    split: "test", "validation" or "training" (default: the first non-empty in that order).
+    structures: label values to score (default: all non-zero values of the run's label table)."""
+    from tqdm import tqdm
+
+    from .api import Run, load_run
+    run_dir = None
+    if not isinstance(run, Run):
+        run_dir = Path(run)
+        run = load_run(run_dir)
+    if data is None:
+        if run_dir is None or not (run_dir / "run.json").is_file():
+            raise ValueError("data is required")
+        data = json.loads((run_dir / "run.json").read_text()).get("data")
+        if data is None:
+            raise ValueError("the run did not record its data; pass --data")
+    splits = read_data(data)
+    if split is None:
+        split = next((s for s in ("test", "validation", "training") if splits[s]), None)
+    if split not in splits or not splits[split]:
+        raise ValueError(f"split {split!r} of {data} is empty")
+    if out_dir is None:
+        if run_dir is None:
+            raise ValueError("out_dir is required when evaluating a Run object")
+        out_dir = run_dir / "eval" / split
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    table: LabelTable = run.labels
+    structures = [v for v in (structures if structures is not None else table.values) if v != 0]
+    missing = [v for v in structures if v not in table.values]
+    if missing:
+        raise ValueError(f"structures {missing} are not in the run's label table {table.values}")
+    resample = run.config["data"]["resample"]
+    entries = splits[split]
+    ds = VolumeDataset(entries, run.prep, resample=resample, cache=False, ref=check_grids(entries, resample))
+    names = ds.names()
+    lab_idx = [i for i, f in enumerate(ds.labelled) if f]
+    originals = {}
+
+    def orig(i):
+        if i not in originals:
+            originals[i] = ds.load_original(i)[:2]
+        return originals[i]
+
+    seg_rows, preds = [], {}
+    for i in tqdm(lab_idx, desc="segment", disable=not progress):
+        img, lab = orig(i)
+        preds[i] = run.segment(img)
+        seg_rows.append(((names[i],), dice_per_class(preds[i], lab, structures)))
+    pairs = [(i, j) for i in lab_idx for j in lab_idx if i != j][:max_pairs]
+    reg_rows, base_rows, folds, example = [], [], [], None
+    for i, j in tqdm(pairs, desc="register", disable=not progress):
+        (mi, ml), (ti, tl) = orig(i), orig(j)
+        res = run.register(mi, ti, ml)
+        fold = folding_fraction(res["disp"])
+        folds.append(fold)
+        reg_rows.append(((names[i], names[j], f"{fold:.6f}"), dice_per_class(res["warped_labels"], tl, structures)))
+        base_rows.append(((names[i], names[j]), dice_per_class(ml, tl, structures)))
+        if example is None:
+            example = (i, j, res)
+
+    _write_csv(out_dir / "dice_seg.csv", ["image"], seg_rows, structures)
+    _write_csv(out_dir / "dice_reg.csv", ["moving", "target", "folding_fraction"], reg_rows, structures)
+    _write_csv(out_dir / "dice_unregistered.csv", ["moving", "target"], base_rows, structures)
+    summary = {"split": split, "run": run.source, "structures": structures,
+               "seg": _summary(seg_rows, structures), "reg": _summary(reg_rows, structures),
+               "unregistered": _summary(base_rows, structures)}
+    if summary["reg"] is not None:
+        summary["reg"]["folding_fraction"] = float(np.mean(folds))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    if figures:
+        from .figures import plot_dice, plot_registration, plot_segmentation
+        if lab_idx:
+            i = lab_idx[0]
+            plot_segmentation(orig(i)[0], orig(i)[1], preds[i], out_dir / "seg_example.png", title=names[i])
+        if example is not None:
+            i, j, res = example
+            plot_registration(orig(i)[0], orig(j)[0], res["warped"], res["disp"], out_dir / "reg_example.png",
+                              orig(i)[1], orig(j)[1], res["warped_labels"], title=f"{names[i]} -> {names[j]}")
+        per = {}
+        for key, rows in (("seg", seg_rows), ("unregistered", base_rows), ("reg", reg_rows)):
+            if rows:
+                arr = np.array([d for _, d in rows])
+                per[key] = {str(s): arr[:, k].tolist() for k, s in enumerate(structures)}
+        if per:
+            plot_dice(per, out_dir / "dice_per_structure.png")
+    return summary
