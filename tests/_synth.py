@@ -60,3 +60,18 @@ def tiny_overrides(**steps):
     return ["model.reg_enc=[4,8,8]", "model.reg_dec=[8,8,8,4]", "model.seg_enc=[4,8,8]",
             "loss.window=5", "train.lr=1e-3", "train.k_reg=2", "train.k_seg=1", "train.log_every=1",
             "train.checkpoint_every=2", "device=cpu"] + [f"train.steps.{k}={v}" for k, v in st.items()]
+
+
+_RUNS = {}
+
+
+def tiny_run(base, stage="all", **steps):
+    """A trained tiny run on a synthetic dataset under ``base`` (built once per test session)."""
+    key = (str(base), stage, tuple(sorted(steps.items())))
+    if key not in _RUNS:
+        from deepatlas_fast.train import train
+        root = Path(base) / f"tiny_{stage}_{len(_RUNS)}"
+        dl = write_dataset(root / "data")
+        run = train(None, dl, root / "run", stage=stage, overrides=tiny_overrides(**steps), progress=False)
+        _RUNS[key] = (dl, run)
+    return _RUNS[key]

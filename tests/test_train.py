@@ -1,0 +1,176 @@
+"""Training: run directory, stages and loss terms, exact resume, SIGKILL safety, config."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _synth import tiny_overrides, tiny_run, write_dataset
+from deepatlas_fast.config import load_config
+from deepatlas_fast.data import VolumeDataset, read_data
+from deepatlas_fast.train import Trainer, build_preprocessing, list_checkpoints, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(p):
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def test_train_all_writes_a_complete_run_dir(tmp_path_factory):
+    dl, run = tiny_run(tmp_path_factory.getbasetemp())
+    for f in ("config.json", "run.json", "preprocessing.json", "metrics.jsonl", "curves.png"):
+        assert (run / f).is_file(), f
+    assert json.loads((run / "preprocessing.json").read_text())["label_values"] == [0, 7, 42, 100]
+    assert json.loads((run / "run.json").read_text())["plan"] == ["seg", "reg", "da"]
+    # checkpoint_every=2 over seg 2, reg 2, da 3 -> global 2, 4, 6, 7; the 3 newest are kept
+    ckpts = list_checkpoints(run)
+    assert [p.name for p in ckpts] == ["ckpt-00000004.pt", "ckpt-00000006.pt", "ckpt-00000007.pt"]
+    last = _load(ckpts[-1])
+    assert last["completed"] == ["seg", "reg", "da"] and last["global_step"] == 7
+    assert set(last["optim"]) == {"reg", "seg"} and "rng" in last
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in recs] == list(range(1, 8))
+    assert [r["stage"] for r in recs] == ["seg"] * 2 + ["reg"] * 2 + ["da"] * 3
+    assert "L_sp" in recs[0] and "L_i" in recs[2] and "L_r" in recs[2]
+    # da with k_reg=2, k_seg=1: reg, reg, seg
+    assert [("loss_seg" in r) for r in recs[4:]] == [False, False, True]
+
+
+def test_existing_run_needs_resume(tmp_path_factory):
+    dl, run = tiny_run(tmp_path_factory.getbasetemp())
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(None, dl, run, overrides=tiny_overrides(), progress=False)
+
+
+def _state(run):
+    ck = _load(list_checkpoints(run)[-1])
+    return ck
+
+
+def test_resume_continues_exactly(tmp_path):
+    dl = write_dataset(tmp_path / "data", shape=(16, 16, 16))
+    ov = tiny_overrides(da=5) + ["train.checkpoint_every=1", "train.checkpoint_keep=0", "model.seg_norm=batch"]
+    full = train(None, dl, tmp_path / "full", stage="da", overrides=ov, progress=False)
+    # an interrupted copy: only the checkpoints up to step 2 (mid-cycle: reg, reg | seg ...)
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for p in list_checkpoints(cut):
+        if int(p.stem.split("-")[1]) > 2:
+            p.unlink()
+    train(None, None, cut, resume=True, progress=False)
+    a, b = _state(full), _state(cut)
+    assert a["global_step"] == b["global_step"] == 5
+    for net in ("reg", "seg"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), (net, k)
+    for net in ("reg", "seg"):
+        sa, sb = a["optim"][net]["state"], b["optim"][net]["state"]
+        assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    drop_time = lambda r: {k: v for k, v in json.loads(r).items() if k != "time"}  # noqa: E731
+    ma = [drop_time(r) for r in (full / "metrics.jsonl").read_text().splitlines()]
+    mb = [drop_time(r) for r in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert ma == mb
+
+
+def test_sigkill_loses_no_completed_checkpoint(tmp_path):
+    dl = write_dataset(tmp_path / "data", shape=(16, 16, 16))
+    run = tmp_path / "run"
+    sets = tiny_overrides(reg=500) + ["train.checkpoint_every=1", "train.checkpoint_keep=0"]
+    cmd = [sys.executable, "-m", "deepatlas_fast.cli", "train", "--data", str(dl), "--out", str(run),
+           "--stage", "reg", "--no-progress"] + [a for s in sets for a in ("--set", s)]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while len(list_checkpoints(run)) < 4:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "training produced no checkpoints"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no chance to clean up
+        proc.wait()
+        proc.stderr.close()
+    before = {p.name: _load(p)["global_step"] for p in list_checkpoints(run)}
+    assert len(before) >= 4 and all(int(n[5:13]) == s for n, s in before.items())
+    last = max(before.values())
+    train(None, None, run, resume=True, overrides=[f"train.steps.reg={last + 2}"], progress=False)
+    after = {p.name: _load(p)["global_step"] for p in list_checkpoints(run)}
+    assert before.items() <= after.items()  # every completed checkpoint survived, unchanged
+    assert max(after.values()) == last + 2
+    steps = [json.loads(r)["global_step"] for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == last + 2
+
+
+def _trainer(tmp_path, overrides=()):
+    dl = write_dataset(tmp_path / "data", shape=(16, 16, 16))
+    cfg = load_config(None, tiny_overrides() + list(overrides))
+    entries = read_data(dl)["training"]
+    prep = build_preprocessing(cfg, entries, (tuple([16] * 3), None, (2.0,) * 3))
+    tr = Trainer(cfg, prep, VolumeDataset(entries, prep), None, tmp_path, progress=False)
+    return tr
+
+
+def _only(tr, kind):
+    tr.sampler.weights = {k: float(k == kind) for k in tr.sampler.weights}
+
+
+def test_loss_terms_follow_pair_labels(tmp_path):
+    tr = _trainer(tmp_path)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    reg, seg = tr.nets["reg"], tr.nets["seg"]
+    # registration: L_a with manual labels only (stage reg), F_S standing in when allowed (da)
+    _only(tr, "LL")
+    assert "L_a" in tr.reg_step(reg, g(), use_seg=False)[1]
+    _only(tr, "LU")
+    assert "L_a" not in tr.reg_step(reg, g(), use_seg=False)[1]
+    assert "L_a" in tr.reg_step(reg, g(), use_seg=True)[1]
+    _only(tr, "UU")
+    assert "L_a" in tr.reg_step(reg, g(), use_seg=True)[1]
+    # segmentation: L_a only when exactly one image is labelled, and it trains F_S, not F_R
+    _only(tr, "LL")
+    assert set(tr.seg_step(seg, g())[1]) == {"L_sp"}
+    for kind in ("LU", "UL"):
+        _only(tr, kind)
+        reg.zero_grad(set_to_none=True)
+        seg.zero_grad(set_to_none=True)
+        loss, logs = tr.seg_step(seg, g())
+        assert set(logs) == {"L_sp", "L_a"}
+        loss.backward()
+        assert all(p.grad is None for p in reg.parameters())
+        assert seg.head.weight.grad.abs().sum() > 0
+    _only(tr, "UU")  # no F_S loss exists for two unlabelled images: such pairs are never drawn
+    with pytest.raises(ValueError, match="no image pair"):
+        tr.seg_step(seg, g())
+
+
+def test_semi_da_freezes_the_other_net_and_init_loads_weights(tmp_path_factory):
+    dl, run = tiny_run(tmp_path_factory.getbasetemp())
+    src = _state(run)
+    out = tmp_path_factory.mktemp("semi")
+    train(None, dl, out / "r", stage="semi-da", init=run, progress=False,
+          overrides=tiny_overrides() + ["train.semi_da_train=seg"])
+    new = _state(out / "r")
+    assert all(torch.equal(src["reg"][k], new["reg"][k]) for k in src["reg"])  # frozen
+    assert not all(torch.equal(src["seg"][k], new["seg"][k]) for k in src["seg"])  # trained
+
+
+def test_config_files_overrides_and_errors(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 3e-4\n  steps: {da: 7}\nloss:\n  similarity: ncc\n")
+    cfg = load_config(tmp_path / "c.yaml", ["train.batch_size=2", "data.pairs.UU=0"])
+    assert cfg["train"]["lr"] == 3e-4 and cfg["train"]["steps"]["da"] == 7 and cfg["train"]["steps"]["seg"] == 1000
+    assert cfg["loss"]["similarity"] == "ncc" and cfg["train"]["batch_size"] == 2 and cfg["data"]["pairs"]["UU"] == 0
+    with pytest.raises(KeyError, match="train.lrr"):
+        load_config(None, ["train.lrr=1"])
+    with pytest.raises(ValueError, match="similarity"):
+        load_config(None, ["loss.similarity=mse"])
+    with pytest.raises(ValueError, match="key.sub=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ValueError, match="stage"):
+        train(None, None, tmp_path / "x", stage="pretrain")
