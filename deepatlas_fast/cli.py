@@ -18,6 +18,7 @@ COMMANDS = {
     "evaluate": "Dice per structure, folding and figures of a trained run on a datalist split",
     "segment": "segment a NIfTI image with a trained run",
     "register": "register a moving NIfTI image to a target with a trained run",
+    "prealign": "affine (12-parameter) pre-alignment of an image, and optionally its labels, to a reference",
 }
 
 
