@@ -14,7 +14,12 @@ from .ops import warp
 
 
 def _conv(cin, cout, stride=1):
-    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
+    conv = nn.Conv3d(cin, cout, 3, stride=stride, padding=1)
+    # He init (as VoxelMorph's Keras code): PyTorch's default shrinks activations ~3x per layer,
+    # which leaves the flow head almost no signal and makes training start very slowly
+    nn.init.kaiming_normal_(conv.weight, a=0.2, nonlinearity="leaky_relu")
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(conv, nn.LeakyReLU(0.2))
 
 
 class RegNet(nn.Module):

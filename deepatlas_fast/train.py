@@ -190,6 +190,7 @@ class Trainer:
         self.nets = {"reg": reg.to(self.device), "seg": seg.to(self.device)}
         self.sampler = PairSampler(train_ds.labelled, cfg["data"]["pairs"])
         self.completed = []
+        self._last_plot = time.time()
 
     # -- helpers
     def _batch(self, idx):
@@ -370,11 +371,14 @@ class Trainer:
         if keep > 0:
             for old in list_checkpoints(self.run_dir)[:-keep]:
                 old.unlink(missing_ok=True)
-        try:
-            from .figures import plot_curves
-            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
-        except Exception as e:  # a plotting problem must not stop training
-            print(f"warning: could not plot training curves: {e}", file=sys.stderr)
+        # plotting costs ~1 s: at the end of a stage, else at most once a minute
+        if stage in self.completed or time.time() - self._last_plot > 60:
+            self._last_plot = time.time()
+            try:
+                from .figures import plot_curves
+                plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+            except Exception as e:  # a plotting problem must not stop training
+                print(f"warning: could not plot training curves: {e}", file=sys.stderr)
 
     def fit(self, plan, resume_ckpt=None):
         self.plan = list(plan)
