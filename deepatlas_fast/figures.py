@@ -100,7 +100,7 @@ def plot_registration(moving, target, warped, disp, out_path, moving_labels=None
     axes[0, 3].imshow(np.abs(sl(warped) - sl(target)).T, cmap="magma", origin="lower")
     axes[0, 3].set_title("|warped - target|", fontsize=8)
     axes[0, 3].axis("off")
-    _grid_lines(axes[0, 4], disp[:2, :, :, k], step=max(1, min(moving.shape[:2]) // 24))
+    _grid_lines(axes[0, 4], disp[:2, :, :, k], step=max(2, min(moving.shape[:2]) // 24))
     axes[0, 4].set_title("deformation grid", fontsize=8)
     if target_labels is not None:
         _overlay(axes[1, 0], sl(moving), sl(moving_labels), "moving labels")
