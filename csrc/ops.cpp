@@ -6,6 +6,7 @@ TORCH_LIBRARY(deepatlas_fast, m) {
   // out[b, c, x] = image[b, c, x + disp[b, :, x]] (voxel units, channels d, h, w).
   // mode: "linear" | "nearest"; padding: "zeros" | "border".
   m.def("warp(Tensor image, Tensor disp, str mode=\"linear\", str padding=\"zeros\") -> Tensor");
-  m.def("warp_backward_image(Tensor grad_out, Tensor image, Tensor disp, str mode, str padding) -> Tensor");
-  m.def("warp_backward_disp(Tensor grad_out, Tensor image, Tensor disp, str mode, str padding) -> Tensor");
+  // Gradients (image, disp) of warp; output_mask says which to compute, the other comes back
+  // as an empty tensor.
+  m.def("warp_backward(Tensor grad_out, Tensor image, Tensor disp, str mode, str padding, bool[2] output_mask) -> (Tensor, Tensor)");
 }

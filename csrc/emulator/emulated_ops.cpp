@@ -28,34 +28,24 @@ at::Tensor warp_emulated(const at::Tensor& image, const at::Tensor& disp, c10::s
   return warp::warp_forward_device(launcher(threads, max_blocks), image, disp, mode, padding);
 }
 
-at::Tensor warp_backward_image_emulated(const at::Tensor& grad_out, const at::Tensor& image,
-                                        const at::Tensor& disp, c10::string_view mode,
-                                        c10::string_view padding, int64_t threads,
-                                        int64_t max_blocks) {
-  return warp::warp_backward_image_device(launcher(threads, max_blocks), grad_out, image, disp,
-                                          mode, padding);
-}
-
-at::Tensor warp_backward_disp_emulated(const at::Tensor& grad_out, const at::Tensor& image,
-                                       const at::Tensor& disp, c10::string_view mode,
-                                       c10::string_view padding, int64_t threads,
-                                       int64_t max_blocks) {
-  return warp::warp_backward_disp_device(launcher(threads, max_blocks), grad_out, image, disp,
-                                         mode, padding);
+std::tuple<at::Tensor, at::Tensor> warp_backward_emulated(
+    const at::Tensor& grad_out, const at::Tensor& image, const at::Tensor& disp,
+    c10::string_view mode, c10::string_view padding, std::array<bool, 2> output_mask,
+    int64_t threads, int64_t max_blocks) {
+  return warp::warp_backward_device(launcher(threads, max_blocks), grad_out, image, disp, mode,
+                                    padding, output_mask);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(deepatlas_fast_emulated, m) {
   m.def("warp(Tensor image, Tensor disp, str mode, str padding, int threads, int max_blocks) -> Tensor");
-  m.def("warp_backward_image(Tensor grad_out, Tensor image, Tensor disp, str mode, str padding, int threads, int max_blocks) -> Tensor");
-  m.def("warp_backward_disp(Tensor grad_out, Tensor image, Tensor disp, str mode, str padding, int threads, int max_blocks) -> Tensor");
+  m.def("warp_backward(Tensor grad_out, Tensor image, Tensor disp, str mode, str padding, bool[2] output_mask, int threads, int max_blocks) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(deepatlas_fast_emulated, CPU, m) {
   m.impl("warp", &warp_emulated);
-  m.impl("warp_backward_image", &warp_backward_image_emulated);
-  m.impl("warp_backward_disp", &warp_backward_disp_emulated);
+  m.impl("warp_backward", &warp_backward_emulated);
 }
 
 }  // namespace deepatlas_fast

@@ -29,9 +29,11 @@ inline Strides5 strides5(const at::Tensor& t) {
 }
 
 // Checks image [B, C, D, H, W] and disp [B, 3, D', H', W']; returns the geometry.
-// cpu: float32/float64 only; CUDA also takes float16/bfloat16 (float32 accumulation).
+// The CPU kernels take float32/float64; the CUDA kernels (kernel_half = true, also when run
+// by the emulator) float16/bfloat16 too, with float32 accumulation.
 inline Geometry check_inputs(const char* op, const at::Tensor& image, const at::Tensor& disp,
-                             c10::string_view mode, c10::string_view padding) {
+                             c10::string_view mode, c10::string_view padding,
+                             bool kernel_half = false) {
   TORCH_CHECK_VALUE(image.dim() == 5, op, ": image must be 5-D [B, C, D, H, W], got shape ",
                     image.sizes());
   TORCH_CHECK_VALUE(disp.dim() == 5 && disp.size(1) == 3, op,
@@ -48,7 +50,7 @@ inline Geometry check_inputs(const char* op, const at::Tensor& image, const at::
                    image.scalar_type(), " but disp is ", disp.scalar_type(),
                    "; both must have one dtype");
   const auto dt = image.scalar_type();
-  if (image.is_cuda()) {
+  if (kernel_half) {
     TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
                      op, ": CUDA tensors must be float32, float64, float16 or bfloat16, got ", dt);
   } else {

@@ -15,26 +15,21 @@ at::Tensor warp_cuda(const at::Tensor& image, const at::Tensor& disp, c10::strin
   return warp_forward_device(CudaLauncher{}, image, disp, mode, padding);
 }
 
-at::Tensor warp_backward_image_cuda(const at::Tensor& grad_out, const at::Tensor& image,
-                                    const at::Tensor& disp, c10::string_view mode,
-                                    c10::string_view padding) {
+std::tuple<at::Tensor, at::Tensor> warp_backward_cuda(const at::Tensor& grad_out,
+                                                       const at::Tensor& image,
+                                                       const at::Tensor& disp,
+                                                       c10::string_view mode,
+                                                       c10::string_view padding,
+                                                       std::array<bool, 2> output_mask) {
   const c10::cuda::CUDAGuard guard(image.device());
-  return warp_backward_image_device(CudaLauncher{}, grad_out, image, disp, mode, padding);
-}
-
-at::Tensor warp_backward_disp_cuda(const at::Tensor& grad_out, const at::Tensor& image,
-                                   const at::Tensor& disp, c10::string_view mode,
-                                   c10::string_view padding) {
-  const c10::cuda::CUDAGuard guard(image.device());
-  return warp_backward_disp_device(CudaLauncher{}, grad_out, image, disp, mode, padding);
+  return warp_backward_device(CudaLauncher{}, grad_out, image, disp, mode, padding, output_mask);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(deepatlas_fast, CUDA, m) {
   m.impl("warp", &warp_cuda);
-  m.impl("warp_backward_image", &warp_backward_image_cuda);
-  m.impl("warp_backward_disp", &warp_backward_disp_cuda);
+  m.impl("warp_backward", &warp_backward_cuda);
 }
 
 }  // namespace warp

@@ -11,6 +11,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#include <array>
+#include <tuple>
+
 #include "warp/warp_checks.h"
 #include "warp/warp_math.h"
 
@@ -19,7 +22,7 @@ namespace warp {
 
 // Output voxel index -> (b, d, h, w) and its sampling location.
 template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE inline void locate(const Geometry& g, int64_t i, const scalar_t* disp,
+DA_HD_INLINE void locate(const Geometry& g, int64_t i, const scalar_t* disp,
                                    const Strides5& ds, int64_t* b, int64_t* d, int64_t* h,
                                    int64_t* w, acc_t* z, acc_t* y, acc_t* x) {
   *w = i % g.out_w;
@@ -49,28 +52,6 @@ __global__ void warp_forward_kernel(Geometry g, const scalar_t* __restrict__ ima
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void warp_backward_disp_kernel(Geometry g, const scalar_t* __restrict__ image,
-                                          Strides5 is, const scalar_t* __restrict__ disp,
-                                          Strides5 ds, const scalar_t* __restrict__ grad_out,
-                                          Strides5 gs, scalar_t* __restrict__ grad_disp,
-                                          Strides5 rs) {
-  const int64_t n = g.batch * g.out_d * g.out_h * g.out_w;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(blockDim.x) * gridDim.x) {
-    int64_t b, d, h, w;
-    acc_t z, y, x, gz, gy, gx;
-    locate<scalar_t, acc_t>(g, i, disp, ds, &b, &d, &h, &w, &z, &y, &x);
-    location_grad_voxel<scalar_t, acc_t>(g, image + b * is.b, is, z, y, x,
-                                         grad_out + b * gs.b + d * gs.d + h * gs.h + w * gs.w,
-                                         gs.c, &gz, &gy, &gx);
-    scalar_t* r = grad_disp + b * rs.b + d * rs.d + h * rs.h + w * rs.w;
-    r[0] = static_cast<scalar_t>(gz);
-    r[rs.c] = static_cast<scalar_t>(gy);
-    r[2 * rs.c] = static_cast<scalar_t>(gx);
-  }
-}
-
 // Atomic accumulation into an acc_t buffer: the order of additions, and so the last bits
 // of the image gradient, vary from run to run on a GPU.
 template <typename acc_t>
@@ -79,21 +60,31 @@ struct AtomicAdd {
   __device__ inline void operator()(int64_t off, acc_t v) const { atomicAdd(base + off, v); }
 };
 
+// One thread per output voxel: the disp gradient is written directly, the image gradient is
+// scattered with atomics. grad_image/grad_disp may be null when not requested.
 template <typename scalar_t, typename acc_t>
-__global__ void warp_backward_image_kernel(Geometry g, const scalar_t* __restrict__ disp,
-                                           Strides5 ds, const scalar_t* __restrict__ grad_out,
-                                           Strides5 gs, acc_t* __restrict__ grad_image,
-                                           Strides5 rs) {
+__global__ void warp_backward_kernel(Geometry g, const scalar_t* __restrict__ image, Strides5 is,
+                                     const scalar_t* __restrict__ disp, Strides5 ds,
+                                     const scalar_t* __restrict__ grad_out, Strides5 gs,
+                                     acc_t* __restrict__ grad_image, Strides5 ris,
+                                     scalar_t* __restrict__ grad_disp, Strides5 rds) {
+  const bool need_image = grad_image != nullptr, need_disp = grad_disp != nullptr;
   const int64_t n = g.batch * g.out_d * g.out_h * g.out_w;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(blockDim.x) * gridDim.x) {
     int64_t b, d, h, w;
-    acc_t z, y, x;
+    acc_t z, y, x, gz, gy, gx;
     locate<scalar_t, acc_t>(g, i, disp, ds, &b, &d, &h, &w, &z, &y, &x);
-    AtomicAdd<acc_t> add{grad_image + b * rs.b};
-    scatter_voxel<scalar_t, acc_t>(g, rs, z, y, x,
-                                   grad_out + b * gs.b + d * gs.d + h * gs.h + w * gs.w, gs.c,
-                                   add);
+    AtomicAdd<acc_t> add{need_image ? grad_image + b * ris.b : nullptr};
+    backward_voxel<scalar_t, acc_t>(g, image + b * is.b, is, ris, z, y, x,
+                                    grad_out + b * gs.b + d * gs.d + h * gs.h + w * gs.w, gs.c,
+                                    need_image, need_disp, add, &gz, &gy, &gx);
+    if (need_disp) {
+      scalar_t* r = grad_disp + b * rds.b + d * rds.d + h * rds.h + w * rds.w;
+      r[0] = static_cast<scalar_t>(gz);
+      r[rds.c] = static_cast<scalar_t>(gy);
+      r[2 * rds.c] = static_cast<scalar_t>(gx);
+    }
   }
 }
 
@@ -104,7 +95,7 @@ template <class Launcher>
 at::Tensor warp_forward_device(const Launcher& launch, const at::Tensor& image,
                                const at::Tensor& disp, c10::string_view mode,
                                c10::string_view padding) {
-  const Geometry g = check_inputs("warp", image, disp, mode, padding);
+  const Geometry g = check_inputs("warp", image, disp, mode, padding, true);
   at::Tensor out = at::empty({g.batch, g.channels, g.out_d, g.out_h, g.out_w}, image.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "warp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -116,42 +107,39 @@ at::Tensor warp_forward_device(const Launcher& launch, const at::Tensor& image,
 }
 
 template <class Launcher>
-at::Tensor warp_backward_disp_device(const Launcher& launch, const at::Tensor& grad_out,
-                                     const at::Tensor& image, const at::Tensor& disp,
-                                     c10::string_view mode, c10::string_view padding) {
-  const Geometry g = check_inputs("warp_backward_disp", image, disp, mode, padding);
-  check_grad_out("warp_backward_disp", grad_out, g, image);
-  at::Tensor grad_disp = at::empty({g.batch, 3, g.out_d, g.out_h, g.out_w}, disp.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(),
-                                  "warp_backward_disp", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    launch(grad_disp.numel() / 3, warp_backward_disp_kernel<scalar_t, acc_t>, g,
-           image.const_data_ptr<scalar_t>(), strides5(image), disp.const_data_ptr<scalar_t>(),
-           strides5(disp), grad_out.const_data_ptr<scalar_t>(), strides5(grad_out),
-           grad_disp.mutable_data_ptr<scalar_t>(), strides5(grad_disp));
-  });
-  return grad_disp;
-}
-
-template <class Launcher>
-at::Tensor warp_backward_image_device(const Launcher& launch, const at::Tensor& grad_out,
-                                      const at::Tensor& image, const at::Tensor& disp,
-                                      c10::string_view mode, c10::string_view padding) {
-  const Geometry g = check_inputs("warp_backward_image", image, disp, mode, padding);
-  check_grad_out("warp_backward_image", grad_out, g, image);
-  at::Tensor result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(),
-                                  "warp_backward_image", [&] {
+std::tuple<at::Tensor, at::Tensor> warp_backward_device(const Launcher& launch,
+                                                        const at::Tensor& grad_out,
+                                                        const at::Tensor& image,
+                                                        const at::Tensor& disp,
+                                                        c10::string_view mode,
+                                                        c10::string_view padding,
+                                                        std::array<bool, 2> output_mask) {
+  const Geometry g = check_inputs("warp_backward", image, disp, mode, padding, true);
+  check_grad_out("warp_backward", grad_out, g, image);
+  const bool need_image = output_mask[0], need_disp = output_mask[1];
+  at::Tensor grad_image = at::empty({0}, image.options());
+  at::Tensor grad_disp = need_disp ? at::empty({g.batch, 3, g.out_d, g.out_h, g.out_w}, disp.options())
+                                   : at::empty({0}, disp.options());
+  if (!need_image && !need_disp) return {grad_image, grad_disp};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "warp_backward",
+                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // Half/bfloat16 images accumulate in a float32 buffer, cast once at the end.
-    at::Tensor acc = at::zeros(image.sizes(),
-                               image.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    launch(g.batch * g.out_d * g.out_h * g.out_w, warp_backward_image_kernel<scalar_t, acc_t>, g,
-           disp.const_data_ptr<scalar_t>(), strides5(disp), grad_out.const_data_ptr<scalar_t>(),
-           strides5(grad_out), acc.mutable_data_ptr<acc_t>(), strides5(acc));
-    result = acc.scalar_type() == image.scalar_type() ? acc : acc.to(image.scalar_type());
+    at::Tensor acc = need_image ? at::zeros(image.sizes(), image.options().dtype(
+                                                               c10::CppTypeToScalarType<acc_t>::value))
+                                : at::empty({0}, image.options());
+    const Strides5 is = strides5(image);
+    launch(g.batch * g.out_d * g.out_h * g.out_w, warp_backward_kernel<scalar_t, acc_t>, g,
+           image.const_data_ptr<scalar_t>(), is, disp.const_data_ptr<scalar_t>(), strides5(disp),
+           grad_out.const_data_ptr<scalar_t>(), strides5(grad_out),
+           need_image ? acc.mutable_data_ptr<acc_t>() : static_cast<acc_t*>(nullptr),
+           need_image ? strides5(acc) : is,
+           need_disp ? grad_disp.mutable_data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr),
+           need_disp ? strides5(grad_disp) : strides5(disp));
+    if (need_image)
+      grad_image = acc.scalar_type() == image.scalar_type() ? acc : acc.to(image.scalar_type());
   });
-  return result;
+  return {grad_image, grad_disp};
 }
 
 }  // namespace warp

@@ -50,14 +50,11 @@ def _warp_fake(image, disp, mode="linear", padding="zeros"):
     return image.new_empty(_out_shape(image, disp))
 
 
-@torch.library.register_fake("deepatlas_fast::warp_backward_image")
-def _warp_backward_image_fake(grad_out, image, disp, mode, padding):
-    return torch.empty_like(image, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("deepatlas_fast::warp_backward_disp")
-def _warp_backward_disp_fake(grad_out, image, disp, mode, padding):
-    return disp.new_empty((disp.shape[0], 3, *disp.shape[2:]))
+@torch.library.register_fake("deepatlas_fast::warp_backward")
+def _warp_backward_fake(grad_out, image, disp, mode, padding, output_mask):
+    grad_image = image.new_empty(image.shape if output_mask[0] else (0,))
+    grad_disp = disp.new_empty((disp.shape[0], 3, *disp.shape[2:]) if output_mask[1] else (0,))
+    return grad_image, grad_disp
 
 
 def _setup_context(ctx, inputs, output):
@@ -68,12 +65,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     image, disp = ctx.saved_tensors
-    grad_image = grad_disp = None
-    if ctx.needs_input_grad[0]:
-        grad_image = ops.warp_backward_image(grad_out, image, disp, ctx.mode, ctx.padding)
-    if ctx.needs_input_grad[1]:
-        grad_disp = ops.warp_backward_disp(grad_out, image, disp, ctx.mode, ctx.padding)
-    return grad_image, grad_disp, None, None
+    need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+    grad_image, grad_disp = ops.warp_backward(grad_out, image, disp, ctx.mode, ctx.padding, need)
+    return (grad_image if need[0] else None), (grad_disp if need[1] else None), None, None
 
 
 torch.library.register_autograd("deepatlas_fast::warp", _backward, setup_context=_setup_context)

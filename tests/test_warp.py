@@ -1,0 +1,225 @@
+"""The warp op against grid_sample (float64), autograd, opcheck, bad input, determinism,
+and the CUDA kernel source run under the CUDA emulator."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import deepatlas_fast as da
+from reference import warp_reference
+
+MODES = ["linear", "nearest"]
+PADS = ["zeros", "border"]
+emulated = torch.ops.deepatlas_fast_emulated
+
+
+def random_inputs(b=2, c=3, in_shape=(5, 6, 7), out_shape=(4, 5, 6), scale=2.0, dtype=torch.float64):
+    image = torch.randn(b, c, *in_shape, dtype=dtype)
+    # Displacements that reach outside the volume on every side.
+    disp = torch.randn(b, 3, *out_shape, dtype=dtype) * scale
+    return image, disp
+
+
+def backward_pair(fn, image, disp, g):
+    i = image.clone().requires_grad_()
+    d = disp.clone().requires_grad_()
+    torch.autograd.backward(fn(i, d), g)
+    return i.grad, d.grad
+
+
+@st.composite
+def warp_case(draw):
+    b, c = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    in_shape = tuple(draw(st.integers(2, 7)) for _ in range(3))
+    out_shape = tuple(draw(st.integers(1, 7)) for _ in range(3))
+    scale = draw(st.sampled_from([0.0, 0.7, 3.0]))
+    return b, c, in_shape, out_shape, scale, draw(st.sampled_from(MODES)), draw(st.sampled_from(PADS))
+
+
+@given(warp_case())
+def test_forward_backward_match_grid_sample(case):
+    b, c, in_shape, out_shape, scale, mode, padding = case
+    image, disp = random_inputs(b, c, in_shape, out_shape, scale)
+    out = da.warp(image, disp, mode=mode, padding=padding)
+    ref = warp_reference(image, disp, mode, padding)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    gi, gd = backward_pair(lambda i, d: da.warp(i, d, mode=mode, padding=padding), image, disp, g)
+    ri, rd = backward_pair(lambda i, d: warp_reference(i, d, mode, padding), image, disp, g)
+    torch.testing.assert_close(gi, ri, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(gd, rd, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding", PADS)
+def test_float32_close_to_float64(mode, padding):
+    image, disp = random_inputs(dtype=torch.float64)
+    ref = warp_reference(image, disp, mode, padding)
+    out = da.warp(image.float(), disp.float(), mode=mode, padding=padding)
+    assert out.dtype == torch.float32
+    # nearest may flip at exact .5 ties under float32 rounding; random data has none
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_identity_and_integer_shift():
+    image = torch.randn(1, 2, 6, 7, 8, dtype=torch.float64)
+    zero = torch.zeros(1, 3, 6, 7, 8, dtype=torch.float64)
+    assert torch.equal(da.warp(image, zero), image)
+    shift = zero.clone()
+    shift[:, 2] = 1.0  # sample one voxel further along w
+    out = da.warp(image, shift)
+    assert torch.equal(out[..., :-1], image[..., 1:])
+    assert torch.all(out[..., -1] == 0)  # zeros padding beyond the edge
+    assert torch.equal(da.warp(image, shift, padding="border")[..., -1], image[..., -1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding", PADS)
+def test_gradcheck(mode, padding):
+    image, disp = random_inputs(1, 2, (4, 5, 4), (3, 4, 3), 1.5)
+    # keep locations away from cell faces/ties where the derivative jumps
+    disp = disp + 0.013
+    f = lambda i, d: da.warp(i, d, mode=mode, padding=padding)  # noqa: E731
+    i = image.clone().requires_grad_()
+    d = disp.clone().requires_grad_(mode == "linear")
+    assert torch.autograd.gradcheck(f, (i, d), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True)])
+def test_only_requested_gradient(needs):
+    image, disp = random_inputs()
+    i = image.clone().requires_grad_(needs[0])
+    d = disp.clone().requires_grad_(needs[1])
+    da.warp(i, d).sum().backward()
+    assert (i.grad is not None) == needs[0] and (d.grad is not None) == needs[1]
+    gi, gd = torch.ops.deepatlas_fast.warp_backward(torch.ones(2, 3, 4, 5, 6, dtype=torch.float64),
+                                                    image, disp, "linear", "zeros", list(needs))
+    assert (gi.numel() > 0) == needs[0] and (gd.numel() > 0) == needs[1]
+
+
+def test_non_contiguous_inputs():
+    image, disp = random_inputs(2, 3, (6, 5, 7), (5, 6, 4))
+    image_t = image.transpose(2, 4).contiguous().transpose(2, 4)  # same values, other strides
+    disp_t = disp.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
+    assert not image_t.is_contiguous() and not disp_t.is_contiguous()
+    torch.testing.assert_close(da.warp(image_t, disp_t), warp_reference(image, disp))
+    g = torch.randn(2, 3, 5, 6, 4, dtype=torch.float64).expand(2, 3, 5, 6, 4)
+    a = backward_pair(da.warp, image_t, disp_t, g[:, :, :, :, :])
+    r = backward_pair(warp_reference, image, disp, g)
+    torch.testing.assert_close(a[0], r[0])
+    torch.testing.assert_close(a[1], r[1])
+    # a broadcast (stride-0) gradient, as out.sum().backward() produces
+    i = image_t.clone().requires_grad_()
+    da.warp(i, disp_t).sum().backward()
+    ri = image.clone().requires_grad_()
+    warp_reference(ri, disp).sum().backward()
+    torch.testing.assert_close(i.grad, ri.grad)
+
+
+def test_non_finite_displacement_gives_nan_not_garbage():
+    image, disp = random_inputs(1, 1, (5, 5, 5), (3, 3, 3), 1.0)
+    disp[0, 1, 1, 1, 1] = float("nan")
+    disp[0, 0, 2, 2, 2] = float("inf")
+    disp[0, 2, 0, 0, 0] = 1e30  # huge but finite: outside, so 0
+    out = da.warp(image, disp)
+    assert torch.isnan(out[0, 0, 1, 1, 1]) and torch.isnan(out[0, 0, 2, 2, 2])
+    assert out[0, 0, 0, 0, 0] == 0
+    mask = torch.ones_like(out, dtype=torch.bool)
+    mask[0, 0, 1, 1, 1] = mask[0, 0, 2, 2, 2] = False
+    assert torch.isfinite(out[mask]).all()
+    i = image.clone().requires_grad_()
+    da.warp(i, disp).sum().backward()
+    assert torch.isfinite(i.grad).all()  # nothing scattered from NaN locations
+
+
+def test_deterministic_backward_across_runs_and_thread_counts():
+    image, disp = random_inputs(2, 2, (20, 18, 16), (20, 18, 16), 3.0, dtype=torch.float32)
+    g = torch.randn(2, 2, 20, 18, 16)
+    threads = torch.get_num_threads()
+    grads = []
+    for n in [1, 2, 1, 2]:
+        torch.set_num_threads(n)
+        grads.append(backward_pair(da.warp, image, disp, g))
+    torch.set_num_threads(threads)
+    for gi, gd in grads[1:]:
+        assert torch.equal(gi, grads[0][0]) and torch.equal(gd, grads[0][1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck(mode):
+    image, disp = random_inputs(1, 2, (4, 5, 6), (3, 4, 5), 1.5)
+    for pad in PADS:
+        args = (image.requires_grad_(), disp.requires_grad_(), mode, pad)
+        torch.library.opcheck(torch.ops.deepatlas_fast.warp.default, args)
+
+
+def test_torch_compile_traces_the_op():
+    image, disp = random_inputs(1, 1, (5, 5, 5), (5, 5, 5), 1.0)
+    compiled = torch.compile(lambda i, d: da.warp(i, d) * 2, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(image, disp), 2 * warp_reference(image, disp))
+
+
+@pytest.mark.parametrize(
+    "image_shape, disp_shape, kwargs, error, match",
+    [
+        ((1, 1, 4, 4), (1, 3, 4, 4, 4), {}, ValueError, "image must be 5-D"),
+        ((1, 1, 4, 4, 4), (1, 2, 4, 4, 4), {}, ValueError, "disp must be \\[B, 3"),
+        ((2, 1, 4, 4, 4), (1, 3, 4, 4, 4), {}, ValueError, "batch sizes differ"),
+        ((1, 1, 0, 4, 4), (1, 3, 4, 4, 4), {}, ValueError, "image is empty"),
+        ((1, 1, 4, 4, 4), (1, 3, 4, 4, 4), {"mode": "cubic"}, ValueError, "mode must be"),
+        ((1, 1, 4, 4, 4), (1, 3, 4, 4, 4), {"padding": "reflect"}, ValueError, "padding must be"),
+    ],
+)
+def test_bad_shapes_and_options(image_shape, disp_shape, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        da.warp(torch.zeros(image_shape), torch.zeros(disp_shape), **kwargs)
+
+
+def test_bad_dtypes_and_devices():
+    image, disp = torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4)
+    with pytest.raises(TypeError, match="both must have one dtype"):
+        da.warp(image, disp.double())
+    with pytest.raises(TypeError, match="CPU tensors must be float32 or float64"):
+        da.warp(image.half(), disp.half())
+    with pytest.raises(TypeError, match="CPU tensors must be float32 or float64"):
+        da.warp(image.int(), disp.int())
+    with pytest.raises(ValueError, match="is on meta"):
+        torch.ops.deepatlas_fast.warp.default.redispatch(
+            torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), image, disp.to("meta"), "linear", "zeros")
+
+
+# ---- the CUDA kernel source, executed by the CUDA emulator ------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding", PADS)
+@pytest.mark.parametrize("launch", [(32, 3), (64, 1), (7, 5)])
+def test_cuda_kernels_under_emulator(mode, padding, launch):
+    """Grid-stride loops (grids smaller than the work), odd block sizes and real concurrent
+    atomics: the .cuh kernels must agree with the float64 reference."""
+    image, disp = random_inputs(2, 2, (5, 6, 7), (4, 5, 6), 2.0)
+    out = emulated.warp(image, disp, mode, padding, *launch)
+    torch.testing.assert_close(out, warp_reference(image, disp, mode, padding), rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    ri, rd = backward_pair(lambda i, d: warp_reference(i, d, mode, padding), image, disp, g)
+    gi, gd = emulated.warp_backward(g, image, disp, mode, padding, [True, True], *launch)
+    torch.testing.assert_close(gi, ri, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(gd, rd, rtol=1e-11, atol=1e-11)
+    gi2, gd2 = emulated.warp_backward(g, image, disp, mode, padding, [True, False], *launch)
+    assert gd2.numel() == 0
+    torch.testing.assert_close(gi2, ri, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_kernels_under_emulator(dtype):
+    """The CUDA build takes half/bfloat16 with float32 accumulation; the CPU path does not."""
+    image, disp = random_inputs(1, 2, (6, 6, 6), (5, 5, 5), 1.5, dtype=torch.float32)
+    ref = warp_reference(image.double(), disp.double())
+    out = emulated.warp(image.to(dtype), disp.to(dtype), "linear", "zeros", 32, 4)
+    assert out.dtype == dtype
+    tol = 2e-2 if dtype == torch.float16 else 1e-1
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    g = torch.randn_like(out)
+    gi, gd = emulated.warp_backward(g, image.to(dtype), disp.to(dtype), "linear", "zeros", [True, True], 32, 4)
+    assert gi.dtype == dtype and gd.dtype == dtype
+    ri, rd = backward_pair(warp_reference, image.double(), disp.to(dtype).double(), g.double())
+    torch.testing.assert_close(gi.double(), ri, rtol=tol, atol=tol)
