@@ -19,6 +19,7 @@ COMMANDS = {
     "segment": "segment a NIfTI image with a trained run",
     "register": "register a moving NIfTI image to a target with a trained run",
     "prealign": "affine (12-parameter) pre-alignment of an image, and optionally its labels, to a reference",
+    "demo": "train and evaluate DeepAtlas one-shot on the shipped brain demo set, write a report (offline)",
 }
 
 
