@@ -1,0 +1,3 @@
+"""Speed and memory of deepatlas_fast against what users would otherwise run.
+
+`python -m benchmarks` prints the tables; see benchmarks/__main__.py."""

@@ -1,0 +1,121 @@
+"""Shared benchmark machinery: timing, peak-memory measurement in a fresh process, tables.
+
+A benchmark module (bench_*.py) defines CASES: {name: factory(shape) -> fn}, where the factory
+builds the inputs and fn() runs one measured call, and GROUPS: a list of (title, ours, [others])
+naming the cases whose ratio is reported. Time is the median of `repeat` runs after a warm-up;
+memory is the peak resident set added by one call, measured in a child process (so one case's
+caches and allocator state cannot leak into another's).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+DEFAULT_SHAPE = (160, 192, 224)  # the OASIS grid at 1 mm
+MIB = 1 << 20
+
+
+def smooth_displacement(shape, magnitude=3.0, seed=0, batch=1) -> torch.Tensor:
+    """A smooth random displacement field in voxels, like a registration net's output."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(batch, 3, *[max(2, s // 16) for s in shape], generator=g) * magnitude
+    return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True).contiguous()
+
+
+def median_time(fn, repeat=5, warmup=1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak_here(fn) -> int:
+    """Peak RSS added by fn(), in bytes: reset the high-water mark, run, compare."""
+    fn()  # warm-up: one-time allocations (thread pools, caches) are not the op's memory
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _status("VmRSS")
+    fn()
+    return _status("VmHWM") - base
+
+
+def measure_peak(module: str, case: str, shape) -> int:
+    """Runs measure_peak_here for one case in a fresh interpreter."""
+    code = (
+        "import sys, torch; from benchmarks import common; import importlib;"
+        f"torch.set_num_threads({torch.get_num_threads()});"
+        f"m = importlib.import_module('benchmarks.{module}');"
+        f"fn = m.CASES[{case!r}]({tuple(shape)!r});"
+        "print(common.measure_peak_here(fn))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory run of {module}:{case} failed:\n{out.stderr[-2000:]}")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def run_module(module: str, shape, repeat: int, memory: bool, progress=print) -> list[dict]:
+    """Times (and optionally measures) every case of a module; returns rows with ratios."""
+    m = importlib.import_module(f"benchmarks.{module}")
+    volume = 4 * shape[0] * shape[1] * shape[2]  # one float32 volume, in bytes
+    rows = {}
+    for name, factory in m.CASES.items():
+        progress(f"  {module}: {name} ...")
+        fn = factory(tuple(shape))
+        seconds = median_time(fn, repeat=repeat)
+        del fn
+        row = {"module": module, "case": name, "shape": list(shape), "seconds": seconds,
+               "threads": torch.get_num_threads()}
+        if memory:
+            peak = measure_peak(module, name, shape)
+            row["peak_extra_mib"] = peak / MIB
+            row["peak_extra_volumes"] = peak / volume
+        rows[name] = row
+    for title, ours, others in m.GROUPS:
+        for other in others:
+            rows[other].setdefault("speedup_of", {})[ours] = rows[other]["seconds"] / rows[ours]["seconds"]
+            rows[ours].setdefault("group", title)
+            rows[other].setdefault("group", title)
+    return list(rows.values())
+
+
+def format_table(rows: list[dict], groups) -> str:
+    """Markdown table: one line per case, the ratio against our case of the same group."""
+    lines = ["| benchmark | implementation | median time | speed-up of ours | peak extra memory |",
+             "|---|---|---:|---:|---:|"]
+    by_case = {r["case"]: r for r in rows}
+    for title, ours, others in groups:
+        for name in [ours, *others]:
+            r = by_case[name]
+            ratio = "" if name == ours else f"{r['speedup_of'][ours]:.1f}x"
+            mem = (f"{r['peak_extra_mib']:.0f} MiB ({r['peak_extra_volumes']:.1f} vol)"
+                   if "peak_extra_mib" in r else "")
+            lines.append(f"| {title} | {name} | {r['seconds'] * 1e3:.1f} ms | {ratio} | {mem} |")
+    return "\n".join(lines)
+
+
+def dump_json(rows, path):
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.is_available()}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
