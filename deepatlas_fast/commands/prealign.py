@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "affine (12-parameter) pre-alignment of an image, and optionally its labels, to a reference"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("moving", help="moving image (.nii / .nii.gz)")
