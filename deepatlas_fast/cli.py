@@ -19,6 +19,7 @@ COMMANDS = {
     "segment": "segment a NIfTI image with a trained run",
     "register": "register a moving NIfTI image to a target with a trained run",
     "prealign": "affine (12-parameter) pre-alignment of an image, and optionally its labels, to a reference",
+    "export": "export a run's nets to ONNX (seg.onnx, reg.onnx) for ONNX Runtime",
     "demo": "train and evaluate DeepAtlas one-shot on the shipped brain demo set, write a report (offline)",
 }
 
