@@ -57,7 +57,9 @@ def gencode_flags(archs: list[str]) -> list[str]:
 def extension():
     with_cuda = want_cuda()
     debug = os.environ.get("DEEPATLAS_DEBUG", "0") == "1"
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    # csrc/tests holds the native (ctest) tests, built by CMake only.
+    sources = sorted(f for f in glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
+                     if not f.startswith(os.path.join("csrc", "tests", "")))
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fopenmp: without it at::parallel_for silently runs on one thread.
     cxx = opt + ["-fopenmp", "-fvisibility=hidden"]
@@ -67,7 +69,7 @@ def extension():
         archs = cuda_archs()
         sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
         macros += [("DEEPATLAS_WITH_CUDA", None), ("DEEPATLAS_CUDA_ARCHS", '"%s"' % ";".join(archs))]
-        nvcc = opt + gencode_flags(archs) + ["-lineinfo"] * debug
+        nvcc = (["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-Xcompiler=-g0"]) + gencode_flags(archs)
         return CUDAExtension("deepatlas_fast._C", sources, define_macros=macros,
                              extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
     return CppExtension("deepatlas_fast._C", sources, define_macros=macros,

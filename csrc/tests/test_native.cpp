@@ -1,0 +1,119 @@
+// Native C++ tests (ctest): the shared host/device math on its own, and the ops through the
+// dispatcher of the LibTorch library, against naive references. No test framework: each
+// CHECK prints what failed; the exit code is the number of failures.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+
+#include "warp/warp_math.h"
+
+namespace {
+
+int failures = 0;
+
+#define CHECK(cond)                                                        \
+  do {                                                                     \
+    if (!(cond)) {                                                         \
+      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                          \
+    }                                                                      \
+  } while (0)
+
+using namespace deepatlas_fast;
+
+void test_rounding_helpers() {
+  CHECK(floor_index(2.7) == 2 && floor_index(-0.5) == -1 && floor_index(-2.0) == -2);
+  CHECK(round_half_even(0.5) == 0 && round_half_even(1.5) == 2 && round_half_even(2.5) == 2);
+  CHECK(round_half_even(-0.5) == 0 && round_half_even(-1.5) == -2 && round_half_even(1.49) == 1);
+  for (double x = -3.0; x <= 3.0; x += 0.125)
+    CHECK(round_half_even(x) == static_cast<int64_t>(std::nearbyint(x)));
+  CHECK(is_finite(1.0) && !is_finite(NAN) && !is_finite(INFINITY) && !is_finite(-INFINITY));
+}
+
+void test_linear_axis() {
+  using warp::Padding;
+  auto a = warp::linear_axis(2.25, 5, Padding::Zeros);
+  CHECK(a.i0 == 2 && std::abs(a.w1 - 0.25) < 1e-15 && a.in0 && a.in1 && a.dsrc == 1.0);
+  a = warp::linear_axis(-0.5, 5, Padding::Zeros);  // half outside: lower corner out
+  CHECK(a.i0 == -1 && !a.in0 && a.in1);
+  a = warp::linear_axis(1e30, 5, Padding::Zeros);  // far outside: defined and all out
+  CHECK(!a.in0 && !a.in1);
+  a = warp::linear_axis(7.0, 5, Padding::Border);  // clipped to the edge, no gradient
+  CHECK(a.i0 == 4 && a.w1 == 0.0 && a.dsrc == 0.0);
+}
+
+void test_interpolation_is_exact_for_affine_functions() {
+  // Trilinear interpolation reproduces any function linear in each axis.
+  auto f = [](double z, double y, double x) { return 1.0 + 2.0 * z - 3.0 * y + 0.5 * x + z * y * x; };
+  double v[2][2][2];
+  const double z0 = 3, y0 = 1, x0 = 4;
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      for (int k = 0; k < 2; ++k) v[i][j][k] = f(z0 + i, y0 + j, x0 + k);
+  const warp::Cell<double> c{0, 0.3, 0.6, 0.9};
+  CHECK(std::abs(warp::interpolate(v, c) - f(z0 + 0.3, y0 + 0.6, x0 + 0.9)) < 1e-12);
+  double gz = 0, gy = 0, gx = 0;
+  warp::interpolate_grad(v, c, 1.0, &gz, &gy, &gx);
+  const double h = 1e-6;
+  const warp::Cell<double> cz{0, 0.3 + h, 0.6, 0.9}, cy{0, 0.3, 0.6 + h, 0.9}, cx{0, 0.3, 0.6, 0.9 + h};
+  CHECK(std::abs(gz - (warp::interpolate(v, cz) - warp::interpolate(v, c)) / h) < 1e-5);
+  CHECK(std::abs(gy - (warp::interpolate(v, cy) - warp::interpolate(v, c)) / h) < 1e-5);
+  CHECK(std::abs(gx - (warp::interpolate(v, cx) - warp::interpolate(v, c)) / h) < 1e-5);
+}
+
+// Naive trilinear sampling with zero padding, straight from the definition.
+double naive_sample(const at::Tensor& img, double z, double y, double x) {
+  const auto a = img.accessor<double, 3>();
+  double acc = 0;
+  const int64_t z0 = std::floor(z), y0 = std::floor(y), x0 = std::floor(x);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      for (int k = 0; k < 2; ++k) {
+        const int64_t zi = z0 + i, yj = y0 + j, xk = x0 + k;
+        if (zi < 0 || yj < 0 || xk < 0 || zi >= img.size(0) || yj >= img.size(1) || xk >= img.size(2)) continue;
+        acc += (i ? z - z0 : 1 - (z - z0)) * (j ? y - y0 : 1 - (y - y0)) * (k ? x - x0 : 1 - (x - x0)) * a[zi][yj][xk];
+      }
+  return acc;
+}
+
+void test_warp_op_through_dispatcher() {
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow("deepatlas_fast::warp", "").typed<at::Tensor(
+      const at::Tensor&, const at::Tensor&, c10::string_view, c10::string_view)>();
+  at::manual_seed(0);
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor image = at::randn({1, 1, 5, 6, 7}, opts);
+  at::Tensor disp = at::randn({1, 3, 4, 5, 6}, opts) * 2;
+  at::Tensor out = op.call(image, disp, "linear", "zeros");
+  CHECK(out.sizes() == at::IntArrayRef({1, 1, 4, 5, 6}));
+  const auto u = disp.accessor<double, 5>();
+  const auto o = out.accessor<double, 5>();
+  double worst = 0;
+  for (int d = 0; d < 4; ++d)
+    for (int h = 0; h < 5; ++h)
+      for (int w = 0; w < 6; ++w) {
+        const double ref = naive_sample(image[0][0], d + u[0][0][d][h][w], h + u[0][1][d][h][w], w + u[0][2][d][h][w]);
+        worst = std::max(worst, std::abs(ref - o[0][0][d][h][w]));
+      }
+  CHECK(worst < 1e-12);
+  bool threw = false;
+  try {
+    op.call(image, disp.narrow(1, 0, 2), "linear", "zeros");
+  } catch (const c10::Error& e) {
+    threw = std::string(e.what()).find("disp must be [B, 3") != std::string::npos;
+  }
+  CHECK(threw);
+}
+
+}  // namespace
+
+int main() {
+  test_rounding_helpers();
+  test_linear_axis();
+  test_interpolation_is_exact_for_affine_functions();
+  test_warp_op_through_dispatcher();
+  std::printf("native tests: %d failure(s)\n", failures);
+  return failures == 0 ? 0 : 1;
+}
