@@ -9,4 +9,16 @@ TORCH_LIBRARY(deepatlas_fast, m) {
   // Gradients (image, disp) of warp; output_mask says which to compute, the other comes back
   // as an empty tensor.
   m.def("warp_backward(Tensor grad_out, Tensor image, Tensor disp, str mode, str padding, bool[2] output_mask) -> (Tensor, Tensor)");
+  // Mean over channels and voxels of the local squared correlation of a and b, per batch item
+  // -> [B] (VoxelMorph's NCC with a window^3 box, zero padding). Loss: 1 - lncc.
+  m.def("lncc(Tensor a, Tensor b, int window=9, float eps=1e-5) -> Tensor");
+  // Gradients (a, b) of lncc for grad_out [B]; output_mask as for warp_backward.
+  m.def("lncc_backward(Tensor grad_out, Tensor a, Tensor b, int window, float eps, bool[2] output_mask) -> (Tensor, Tensor)");
+  // Per batch item and class: [B, C, 3] = (sum p t, sum p, sum t) over voxels, p = probs (or
+  // softmax over classes of logits when from_logits), t = one-hot of integer labels
+  // [B, 1, ...] (never materialised) or probabilities [B, C, ...]. soft Dice is built on it.
+  m.def("soft_dice_sums(Tensor probs, Tensor target, bool from_logits=False) -> Tensor");
+  // Gradients (probs, target) of soft_dice_sums for grad_sums [B, C, 3]; an integer target
+  // gets no gradient (empty tensor).
+  m.def("soft_dice_sums_backward(Tensor grad_sums, Tensor probs, Tensor target, bool from_logits, bool[2] output_mask) -> (Tensor, Tensor)");
 }
