@@ -24,7 +24,7 @@ struct Geometry {
   int64_t batch, channels, d, h, w;
   int64_t window, r;
   double eps;
-  int64_t voxels() const { return d * h * w; }
+  DA_HD_INLINE int64_t voxels() const { return d * h * w; }
 };
 
 template <typename acc_t>

@@ -2,6 +2,7 @@
 // launchers so every backend rejects bad input with the same message.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -52,6 +53,13 @@ inline void check_grad_sums(const char* op, const at::Tensor& grad_sums, const G
                    grad_sums.scalar_type(), " but probs is ", probs.scalar_type());
   TORCH_CHECK_VALUE(grad_sums.device() == probs.device(), op, ": grad_sums is on ",
                     grad_sums.device(), " but probs is on ", probs.device());
+}
+
+// Calls f(label_t{}) with the label map's integer type (int64_t, unused, for probabilities).
+template <typename F>
+void with_label_type(const Geometry& g, const at::Tensor& target, const F& f) {
+  if (!g.labels) return f(int64_t{});
+  AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "soft_dice_labels", [&] { f(scalar_t{}); });
 }
 
 }  // namespace soft_dice

@@ -177,13 +177,6 @@ void backward_impl(const Geometry& g, const at::Tensor& grad_sums, const at::Ten
   });
 }
 
-// Calls f(label_t{}) with the label map's integer type (int64_t for probability targets).
-template <typename F>
-void with_label_type(const Geometry& g, const at::Tensor& target, const F& f) {
-  if (!g.labels) return f(int64_t{});
-  AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "soft_dice_labels", [&] { f(scalar_t{}); });
-}
-
 at::Tensor soft_dice_sums_cpu(const at::Tensor& probs_in, const at::Tensor& target_in,
                               bool from_logits) {
   const Geometry g = check_inputs("soft_dice", probs_in, target_in, from_logits);
