@@ -1,0 +1,130 @@
+"""ONNX Runtime deployment: same results as the PyTorch path on real and synthetic NIfTI files,
+affine and label values kept, CLI --onnx, providers, clear errors for malformed or mismatched models."""
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import onnx
+import pytest
+
+from _onnx import exported_run
+from _synth import LABEL_VALUES
+from deepatlas_fast.api import load_run
+from deepatlas_fast.cli import main
+from deepatlas_fast.deploy import default_providers, load_onnx
+from deepatlas_fast.io import load_nifti, save_nifti
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    dl, run_dir, out = exported_run(tmp_path_factory.getbasetemp())
+    return Path(dl).parent, load_run(run_dir), load_onnx(out), out, run_dir
+
+
+def test_cpu_provider_is_reported(exported):
+    model = exported[2]
+    assert model.providers[0] == "CPUExecutionProvider"  # no GPU here
+    assert default_providers("cpu") == ["CPUExecutionProvider"]
+    assert default_providers()[-1] == "CPUExecutionProvider"
+    with pytest.raises(ValueError, match="device must be"):
+        default_providers("tpu")
+
+
+def test_same_results_as_pytorch_on_real_brains(exported):
+    _, run, model, _, _ = exported
+    mov, tgt = (load_nifti(DATA / f"oasis_{s}_T1_4mm.nii.gz")[0] for s in "ab")
+    a, b = run.register(mov, tgt), model.register(mov, tgt)
+    assert np.abs(a["disp"]).max() > 0.5
+    assert np.abs(a["disp"] - b["disp"]).max() <= 1e-4
+    # warped in the moving image's own intensities: 1e-4 relative to its range
+    assert np.abs(a["warped"] - b["warped"]).max() <= 1e-4 * np.ptp(mov)
+    seg_a, seg_b = run.segment(mov), model.segment(mov)
+    assert seg_a.dtype == seg_b.dtype and (seg_a == seg_b).mean() > 0.999  # ties only
+
+
+def test_cli_onnx_matches_cli_run_and_keeps_affine(exported, tmp_path):
+    data, _, _, out, run_dir = exported
+    # a non-trivial affine on the inputs must come back unchanged
+    img, aff = load_nifti(data / "img0.nii.gz")
+    aff = aff.copy()
+    aff[:3, 3] = [-10.0, 5.0, 3.5]
+    save_nifti(tmp_path / "in.nii.gz", img, aff)
+    save_nifti(tmp_path / "tgt.nii.gz", load_nifti(data / "img1.nii.gz")[0], aff)
+    res = {}
+    for src in ("run", "onnx"):
+        where = str(out if src == "onnx" else run_dir)
+        assert main(["segment", f"--{src}", where, str(tmp_path / "in.nii.gz"), "-o", str(tmp_path / f"s_{src}.nii.gz")]) == 0
+        assert main(["register", f"--{src}", where, str(tmp_path / "in.nii.gz"), str(tmp_path / "tgt.nii.gz"),
+                     "-o", str(tmp_path / f"w_{src}.nii.gz"), "--labels", str(data / "seg0.nii.gz"),
+                     "--labels-out", str(tmp_path / f"wl_{src}.nii.gz"), "--disp-out", str(tmp_path / f"d_{src}.nii.gz")]) == 0
+        res[src] = {k: load_nifti(tmp_path / f"{k}_{src}.nii.gz", label=k in ("s", "wl")) for k in ("s", "w", "wl")}
+        disp = nib.load(str(tmp_path / f"d_{src}.nii.gz"))  # (D, H, W, 3): not a load_nifti volume
+        res[src]["d"] = np.asarray(disp.dataobj), disp.affine
+    s, saff = res["onnx"]["s"]
+    assert np.allclose(saff, aff) and s.shape == img.shape and set(np.unique(s)) <= set(LABEL_VALUES)
+    assert (s == res["run"]["s"][0]).mean() > 0.999
+    assert set(np.unique(res["onnx"]["wl"][0])) <= set(LABEL_VALUES)
+    assert (res["onnx"]["wl"][0] == res["run"]["wl"][0]).mean() > 0.999
+    assert np.abs(res["onnx"]["d"][0] - res["run"]["d"][0]).max() <= 1e-4
+    assert np.abs(res["onnx"]["w"][0] - res["run"]["w"][0]).max() <= 1e-4 * np.ptp(img)
+    assert all(np.allclose(res["onnx"][k][1], aff) for k in ("w", "wl", "d"))
+
+
+def _copy(out, dst):
+    shutil.copytree(out, dst)
+    return dst
+
+
+def _set_meta(path, **kv):
+    m = onnx.load(str(path))
+    for p in m.metadata_props:
+        key = p.key.removeprefix("deepatlas_fast.")
+        if key in kv:
+            p.value = kv[key] if isinstance(kv[key], str) else json.dumps(kv[key])
+    onnx.save(m, str(path))
+
+
+def test_malformed_and_mismatched_models_are_clear_errors(exported, tmp_path):
+    out = exported[3]
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_onnx(tmp_path / "nothing")
+    d = _copy(out, tmp_path / "missing")
+    (d / "reg.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="reg.onnx"):
+        load_onnx(d)
+    d = _copy(out, tmp_path / "truncated")
+    data = (d / "seg.onnx").read_bytes()
+    (d / "seg.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="seg.onnx: cannot load ONNX model"):
+        load_onnx(d)
+    d = _copy(out, tmp_path / "swapped")
+    shutil.copy(out / "seg.onnx", d / "reg.onnx")
+    with pytest.raises(ValueError, match="'seg' model, expected 'reg'"):
+        load_onnx(d)
+    d = _copy(out, tmp_path / "foreign")  # a valid ONNX model that deepatlas-fast did not write
+    foreign = onnx.load(str(out / "seg.onnx"))
+    del foreign.metadata_props[:]
+    onnx.save(foreign, str(d / "seg.onnx"))
+    with pytest.raises(ValueError, match="not a deepatlas-fast model"):
+        load_onnx(d)
+    d = _copy(out, tmp_path / "future")
+    _set_meta(d / "seg.onnx", format="99")
+    with pytest.raises(ValueError, match="re-export"):
+        load_onnx(d)
+    d = _copy(out, tmp_path / "mixed")  # seg.onnx of another export
+    _set_meta(d / "seg.onnx", export_id="0" * 32)
+    with pytest.raises(ValueError, match="different exports"):
+        load_onnx(d)
+    d = _copy(out, tmp_path / "classes")  # label table that does not match the logits
+    prep = exported[1].prep.to_dict()
+    prep["label_values"] = [0, 7, 42]
+    for kind in ("seg", "reg"):
+        _set_meta(d / f"{kind}.onnx", preprocessing=prep)
+    with pytest.raises(ValueError, match="4 output classes but its label table has 3"):
+        load_onnx(d)
+    # through the CLI: one line, exit code 2
+    assert main(["segment", "--onnx", str(d), str(DATA / "oasis_a_T1_4mm.nii.gz"), "-o", str(tmp_path / "x.nii.gz")]) == 2
