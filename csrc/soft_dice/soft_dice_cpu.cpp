@@ -30,7 +30,8 @@ constexpr int64_t kChunk = 2048;
 template <typename F>
 void for_each_chunk(const Geometry& g, const F& task) {
   const int64_t chunks = (g.voxels + kChunk - 1) / kChunk;
-  at::parallel_for(0, g.batch * chunks, 1, [&](int64_t j0, int64_t j1) {
+  // grain: small inputs run inline (waking threads costs more than the work).
+  at::parallel_for(0, g.batch * chunks, 16, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t b = j / chunks, v0 = (j % chunks) * kChunk;
       task(j, b, v0, std::min(kChunk, g.voxels - v0));

@@ -1,0 +1,195 @@
+"""The LNCC op against the float64 conv3d reference, autograd, opcheck, bad input,
+determinism, and the CUDA kernel source run under the CUDA emulator."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import deepatlas_fast as da
+from reference import lncc_reference
+
+emulated = torch.ops.deepatlas_fast_emulated
+
+
+def pair(shape, dtype=torch.float64, related=True):
+    a = torch.randn(shape, dtype=dtype)
+    # b correlated with a, so cc spans (0, 1) rather than sitting near 0
+    b = (0.7 * a + 0.5 * torch.randn(shape, dtype=dtype)) if related else torch.randn(shape, dtype=dtype)
+    return a, b
+
+
+def grads(fn, a, b, g):
+    a = a.clone().requires_grad_()
+    b = b.clone().requires_grad_()
+    torch.autograd.backward(fn(a, b), g)
+    return a.grad, b.grad
+
+
+@st.composite
+def lncc_case(draw):
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 2)), *(draw(st.integers(1, 9)) for _ in range(3)))
+    return shape, draw(st.sampled_from([3, 5, 7, 9, 15]))
+
+
+@given(lncc_case())
+def test_forward_backward_match_reference(case):
+    """Any size, including sizes below the window (zero padding everywhere)."""
+    shape, window = case
+    a, b = pair(shape)
+    out = da.lncc(a, b, window=window)
+    ref = lncc_reference(a, b, window)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn(shape[0], dtype=torch.float64)
+    ours = grads(lambda x, y: da.lncc(x, y, window=window), a, b, g)
+    theirs = grads(lambda x, y: lncc_reference(x, y, window), a, b, g)
+    for o, r in zip(ours, theirs):
+        torch.testing.assert_close(o, r, rtol=1e-8, atol=1e-12)
+
+
+def test_several_slabs_and_channels():
+    """D > 32: the CPU kernel splits the volume into slabs along D with halos."""
+    a, b = pair((2, 2, 70, 6, 5))
+    for window in (3, 9, 15):
+        torch.testing.assert_close(da.lncc(a, b, window=window), lncc_reference(a, b, window), rtol=1e-10, atol=0)
+        g = torch.tensor([0.3, -1.2], dtype=torch.float64)
+        ours = grads(lambda x, y: da.lncc(x, y, window=window), a, b, g)
+        theirs = grads(lambda x, y: lncc_reference(x, y, window), a, b, g)
+        for o, r in zip(ours, theirs):
+            torch.testing.assert_close(o, r, rtol=1e-8, atol=1e-13)
+
+
+def test_known_values():
+    a, _ = pair((1, 1, 8, 9, 10))
+    assert torch.all(da.lncc(a, a) > 0.999)          # identical images: cc = 1 (up to eps)
+    assert torch.all(da.lncc(a, -3 * a) > 0.999)  # scaled (zero padding: no offset)
+    assert torch.all(da.lncc(a, torch.zeros_like(a)) == 0)  # blank image: no correlation
+
+
+def test_float32_close_to_float64():
+    a, b = pair((2, 1, 12, 10, 9))
+    ref = lncc_reference(a, b, 9)
+    out = da.lncc(a.float(), b.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    g = torch.ones(2, dtype=torch.float64)
+    ours = grads(da.lncc, a.float(), b.float(), g.float())
+    theirs = grads(lambda x, y: lncc_reference(x, y, 9), a, b, g)
+    for o, r in zip(ours, theirs):
+        torch.testing.assert_close(o.double(), r, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("window", [3, 5])
+def test_gradcheck(window):
+    a, b = pair((1, 2, 4, 5, 6))
+    f = lambda x, y: da.lncc(x, y, window=window)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (a.requires_grad_(), b.requires_grad_()), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True)])
+def test_only_requested_gradient(needs):
+    a, b = pair((1, 1, 5, 6, 7))
+    x, y = a.clone().requires_grad_(needs[0]), b.clone().requires_grad_(needs[1])
+    da.lncc(x, y).sum().backward()
+    assert (x.grad is not None) == needs[0] and (y.grad is not None) == needs[1]
+    ga, gb = torch.ops.deepatlas_fast.lncc_backward(torch.ones(1, dtype=torch.float64), a, b, 9, 1e-5, list(needs))
+    assert (ga.numel() > 0) == needs[0] and (gb.numel() > 0) == needs[1]
+
+
+def test_non_contiguous_inputs():
+    a, b = pair((2, 2, 6, 7, 5))
+    at = a.transpose(2, 4).contiguous().transpose(2, 4)
+    bt = b[:, [1, 0]].contiguous()[:, [1, 0]]  # same values, other memory
+    at2 = at.permute(0, 1, 2, 3, 4)
+    assert not at.is_contiguous()
+    torch.testing.assert_close(da.lncc(at2, b, window=5), lncc_reference(a, b, 5))
+    torch.testing.assert_close(da.lncc(a, bt, window=5), lncc_reference(a, b, 5))
+    ours = grads(lambda x, y: da.lncc(x, y, window=5), at, b, torch.ones(2, dtype=torch.float64).expand(2))
+    theirs = grads(lambda x, y: lncc_reference(x, y, 5), a, b, torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(ours[0], theirs[0])
+
+
+def test_deterministic_across_runs_and_thread_counts():
+    a, b = pair((1, 2, 70, 12, 11), dtype=torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    for n in [1, 2, 1, 2]:
+        torch.set_num_threads(n)
+        results.append((da.lncc(a, b), *grads(da.lncc, a, b, torch.ones(1))))
+    torch.set_num_threads(threads)
+    for r in results[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(r, results[0]))
+
+
+def test_opcheck():
+    a, b = pair((1, 2, 4, 5, 6))
+    torch.library.opcheck(torch.ops.deepatlas_fast.lncc.default, (a.requires_grad_(), b.requires_grad_(), 3, 1e-5))
+
+
+def test_torch_compile_traces_the_op():
+    a, b = pair((1, 1, 5, 5, 5))
+    compiled = torch.compile(lambda x, y: 1 - da.lncc(x, y, window=3), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(a, b), 1 - lncc_reference(a, b, 3))
+
+
+@pytest.mark.parametrize(
+    "a_shape, b_shape, kwargs, error, match",
+    [
+        ((1, 4, 4, 4), (1, 4, 4, 4), {}, ValueError, "a must be 5-D"),
+        ((1, 1, 4, 4, 4), (1, 1, 4, 4, 5), {}, ValueError, "must have one shape"),
+        ((1, 1, 0, 4, 4), (1, 1, 0, 4, 4), {}, ValueError, "a is empty"),
+        ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": 4}, ValueError, "window must be odd"),
+        ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": 17}, ValueError, "window must be odd"),
+        ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"eps": -1.0}, ValueError, "eps must be"),
+    ],
+)
+def test_bad_shapes_and_options(a_shape, b_shape, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        da.lncc(torch.zeros(a_shape), torch.zeros(b_shape), **kwargs)
+
+
+def test_bad_dtypes_and_devices():
+    a = torch.zeros(1, 1, 4, 4, 4)
+    with pytest.raises(TypeError, match="both must have one dtype"):
+        da.lncc(a, a.double())
+    with pytest.raises(TypeError, match="CPU tensors must be float32 or float64"):
+        da.lncc(a.half(), a.half())
+    with pytest.raises(ValueError, match="is on meta"):
+        torch.ops.deepatlas_fast.lncc.default.redispatch(
+            torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), a, a.to("meta"), 9, 1e-5)
+
+
+# ---- the CUDA kernel source, executed by the CUDA emulator ------------------------------
+
+@pytest.mark.parametrize("window", [3, 7, 15])
+@pytest.mark.parametrize("launch", [(32, 3), (7, 5)])
+def test_cuda_kernels_under_emulator(window, launch):
+    """Row tiles narrower than a row (and than the halo), capped grids (grid-stride loops)."""
+    a, b = pair((2, 2, 5, 6, 9))
+    ref = lncc_reference(a, b, window)
+    torch.testing.assert_close(emulated.lncc(a, b, window, 1e-5, *launch), ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn(2, dtype=torch.float64)
+    ra, rb = grads(lambda x, y: lncc_reference(x, y, window), a, b, g)
+    ga, gb = emulated.lncc_backward(g, a, b, window, 1e-5, [True, True], *launch)
+    torch.testing.assert_close(ga, ra, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(gb, rb, rtol=1e-8, atol=1e-12)
+    ga2, gb2 = emulated.lncc_backward(g, a, b, window, 1e-5, [False, True], *launch)
+    assert ga2.numel() == 0
+    torch.testing.assert_close(gb2, rb, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_reduced_precision_under_emulator(dtype):
+    """The CUDA build takes half/bfloat16 with float32 sums; the CPU path does not."""
+    a, b = pair((1, 1, 6, 5, 7), dtype=torch.float32)
+    a, b = a.to(dtype), b.to(dtype)
+    ref = lncc_reference(a.double(), b.double(), 5)
+    out = emulated.lncc(a, b, 5, 1e-5, 32, 4)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    g = torch.ones(1, dtype=dtype)
+    ga, gb = emulated.lncc_backward(g, a, b, 5, 1e-5, [True, True], 32, 4)
+    assert ga.dtype == dtype
+    ra, rb = grads(lambda x, y: lncc_reference(x, y, 5), a.double(), b.double(), g.double())
+    scale = ra.abs().max()
+    torch.testing.assert_close(ga.double() / scale, ra / scale, rtol=0, atol=tol * 5)

@@ -1,0 +1,221 @@
+"""The soft Dice op against the float64 one_hot reference, autograd (to probs, logits and
+probability targets), opcheck, bad input, determinism, and the CUDA kernel source run under
+the CUDA emulator."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import deepatlas_fast as da
+from reference import soft_dice_reference
+
+emulated = torch.ops.deepatlas_fast_emulated
+
+
+def inputs(b, c, spatial, labels, dtype=torch.float64, label_dtype=torch.int64):
+    logits = torch.randn(b, c, *spatial, dtype=dtype) * 2
+    if labels:
+        target = torch.randint(0, c, (b, 1, *spatial)).to(label_dtype)
+    else:
+        target = torch.randn(b, c, *spatial, dtype=dtype).softmax(1)
+    return logits, target
+
+
+def grads(fn, probs, target, g):
+    p = probs.clone().requires_grad_()
+    t = target.clone().requires_grad_() if target.is_floating_point() else target
+    torch.autograd.backward(fn(p, t), g)
+    return p.grad, (t.grad if target.is_floating_point() else None)
+
+
+@st.composite
+def dice_case(draw):
+    spatial = tuple(draw(st.integers(1, 6)) for _ in range(draw(st.integers(0, 3))))
+    return (draw(st.integers(1, 2)), draw(st.integers(1, 6)), spatial, draw(st.booleans()), draw(st.booleans()))
+
+
+@given(dice_case())
+def test_forward_backward_match_reference(case):
+    """Any number of classes and spatial dims (0 to 3), labels or probabilities, with and
+    without the fused softmax; gradients to both sides."""
+    b, c, spatial, labels, from_logits = case
+    logits, target = inputs(b, c, spatial, labels)
+    probs = logits if from_logits else logits.softmax(1)
+    out = da.soft_dice(probs, target, from_logits=from_logits)
+    ref = soft_dice_reference(probs, target, from_logits=from_logits)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    ours = grads(lambda p, t: da.soft_dice(p, t, from_logits=from_logits), probs, target, g)
+    theirs = grads(lambda p, t: soft_dice_reference(p, t, from_logits=from_logits), probs, target, g)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-10, atol=1e-12)
+    if not labels:
+        torch.testing.assert_close(ours[1], theirs[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_label_dtypes(label_dtype):
+    logits, target = inputs(2, 5, (4, 5, 6), True, label_dtype=label_dtype)
+    ref = soft_dice_reference(logits, target.long(), from_logits=True)
+    torch.testing.assert_close(da.soft_dice(logits, target, from_logits=True), ref)
+
+
+def test_many_classes_and_chunks():
+    """32 classes (DeepAtlas brain) and more voxels than one chunk per batch item."""
+    logits, target = inputs(2, 32, (9, 20, 31), True)
+    torch.testing.assert_close(da.soft_dice(logits, target, from_logits=True),
+                               soft_dice_reference(logits, target, from_logits=True), rtol=1e-12, atol=1e-12)
+
+
+def test_known_values():
+    target = torch.randint(0, 3, (1, 1, 6, 7, 8))
+    perfect = torch.nn.functional.one_hot(target[:, 0], 3).movedim(-1, 1).double()
+    assert torch.equal(da.soft_dice(perfect, target), torch.ones(1, 3, dtype=torch.float64))
+    assert torch.allclose(da.soft_dice(perfect, perfect), torch.ones(1, 3, dtype=torch.float64))
+    wrong = perfect.roll(1, dims=1)  # every voxel in another class
+    assert da.soft_dice(wrong, target).max() < 1e-6
+    # an absent class predicted absent: (0 + eps) / (0 + eps) = 1
+    absent = torch.zeros(1, 3, 4, 4, 4, dtype=torch.float64)
+    absent[:, 0] = 1
+    assert torch.equal(da.soft_dice(absent, torch.zeros(1, 1, 4, 4, 4, dtype=torch.long))[0, 1:], torch.ones(2, dtype=torch.float64))
+
+
+def test_float32_close_to_float64():
+    logits, target = inputs(2, 4, (10, 9, 8), True)
+    ref = soft_dice_reference(logits, target, from_logits=True)
+    out = da.soft_dice(logits.float(), target, from_logits=True)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    big = logits * 40  # saturated softmax: the fast exp must not overflow or lose the max
+    torch.testing.assert_close(da.soft_dice(big.float(), target, from_logits=True).double(),
+                               soft_dice_reference(big, target, from_logits=True), rtol=1e-5, atol=1e-6)
+    g = torch.randn(2, 4)
+    ours = grads(lambda p, t: da.soft_dice(p, t, from_logits=True), logits.float(), target, g)
+    theirs = grads(lambda p, t: soft_dice_reference(p, t, from_logits=True), logits, target, g.double())
+    torch.testing.assert_close(ours[0].double(), theirs[0], rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_gradcheck(from_logits):
+    logits, target = inputs(2, 3, (3, 4, 2), False)
+    probs = logits if from_logits else logits.softmax(1)
+    f = lambda p, t: da.soft_dice(p, t, from_logits=from_logits)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (probs.requires_grad_(), target.requires_grad_()))
+    _, labels = inputs(2, 3, (3, 4, 2), True)
+    assert torch.autograd.gradcheck(lambda p: f(p, labels), (probs,))
+
+
+def test_only_requested_gradient():
+    logits, target = inputs(1, 3, (4, 4, 4), False)
+    p, t = logits.clone().requires_grad_(), target.clone().requires_grad_(False)
+    da.soft_dice(p, t).sum().backward()
+    assert p.grad is not None and t.grad is None
+    gp, gt = torch.ops.deepatlas_fast.soft_dice_sums_backward(
+        torch.ones(1, 3, 3, dtype=torch.float64), logits, target, False, [False, True])
+    assert gp.numel() == 0 and gt.shape == target.shape
+
+
+def test_non_contiguous_inputs():
+    logits, target = inputs(2, 3, (5, 6, 7), True)
+    lt = logits.transpose(2, 4).contiguous().transpose(2, 4)
+    yt = target.transpose(3, 4).contiguous().transpose(3, 4)
+    assert not lt.is_contiguous() and not yt.is_contiguous()
+    torch.testing.assert_close(da.soft_dice(lt, yt, from_logits=True),
+                               soft_dice_reference(logits, target, from_logits=True))
+
+
+def test_deterministic_across_runs_and_thread_counts():
+    logits, target = inputs(2, 4, (20, 30, 40), False, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    for n in [1, 2, 1, 2]:
+        torch.set_num_threads(n)
+        f = lambda p, t: da.soft_dice(p, t, from_logits=True)  # noqa: E731
+        results.append((f(logits, target), *grads(f, logits, target, torch.ones(2, 4))))
+    torch.set_num_threads(threads)
+    for r in results[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(r, results[0]))
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_opcheck(labels):
+    logits, target = inputs(1, 3, (3, 4, 5), labels)
+    if not labels:
+        target.requires_grad_()
+    torch.library.opcheck(torch.ops.deepatlas_fast.soft_dice_sums.default, (logits.requires_grad_(), target, True))
+
+
+def test_torch_compile_traces_the_op():
+    logits, target = inputs(1, 3, (4, 4, 4), True)
+    compiled = torch.compile(lambda p, t: 1 - da.soft_dice(p, t, from_logits=True), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(logits, target), 1 - soft_dice_reference(logits, target, from_logits=True))
+
+
+def test_labels_outside_the_classes_raise():
+    logits = torch.randn(1, 3, 4, 4, 4)
+    for bad in (3, -1, 200):
+        y = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+        y[0, 0, 1, 2, 3] = bad
+        with pytest.raises(ValueError, match=r"target labels must be in \[0, 3\).*found " + str(bad)):
+            da.soft_dice(logits, y)
+        with pytest.raises(ValueError, match=r"target labels must be in \[0, 3\)"):
+            emulated.soft_dice_sums(logits, y, True, 32, 2)
+
+
+@pytest.mark.parametrize(
+    "probs_shape, target_shape, target_dtype, match",
+    [
+        ((3,), (3,), torch.long, "probs must be"),
+        ((1, 3, 0, 4), (1, 1, 0, 4), torch.long, "probs is empty"),
+        ((1, 3, 4, 4), (1, 3, 4, 4), torch.long, r"integer labels \[B, 1, ...\]"),
+        ((1, 3, 4, 4), (1, 1, 4, 4), torch.float32, r"probabilities \[B, C, ...\]"),
+        ((1, 3, 4, 4), (1, 1, 4, 5), torch.long, "on probs' grid"),
+        ((2, 3, 4, 4), (1, 1, 4, 4), torch.long, "on probs' grid"),
+    ],
+)
+def test_bad_shapes(probs_shape, target_shape, target_dtype, match):
+    with pytest.raises(ValueError, match=match):
+        da.soft_dice(torch.rand(probs_shape), torch.zeros(target_shape, dtype=target_dtype))
+
+
+def test_bad_dtypes_and_devices():
+    p = torch.rand(1, 3, 4, 4)
+    with pytest.raises(TypeError, match="target must be integer labels or probabilities"):
+        da.soft_dice(p, p.double())
+    with pytest.raises(TypeError, match="target must be integer labels or probabilities"):
+        da.soft_dice(p, torch.zeros(1, 1, 4, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="CPU probs must be float32 or float64"):
+        da.soft_dice(p.half(), torch.zeros(1, 1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="is on meta"):
+        torch.ops.deepatlas_fast.soft_dice_sums.default.redispatch(
+            torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), p, p.to("meta"), False)
+
+
+# ---- the CUDA kernel source, executed by the CUDA emulator ------------------------------
+
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize("launch", [(32, 3), (7, 5)])
+def test_cuda_kernels_under_emulator(labels, from_logits, launch):
+    """Block reductions of any size, capped grids, and more than one chunk per class."""
+    logits, target = inputs(2, 3, (9, 30, 31), labels)
+    probs = logits if from_logits else logits.softmax(1)
+    ref = soft_dice_reference(probs, target, from_logits=from_logits)
+    sums = emulated.soft_dice_sums(probs, target, from_logits, *launch)
+    torch.testing.assert_close((2 * sums[..., 0] + 1e-6) / (sums[..., 1] + sums[..., 2] + 1e-6), ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn(2, 3, 3, dtype=torch.float64)
+    ours = torch.ops.deepatlas_fast.soft_dice_sums_backward(g, probs, target, from_logits, [True, True])
+    emu = emulated.soft_dice_sums_backward(g, probs, target, from_logits, [True, True], *launch)
+    for o, e in zip(ours, emu):
+        torch.testing.assert_close(e, o, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_reduced_precision_under_emulator(dtype):
+    logits, target = inputs(1, 4, (5, 6, 7), True, dtype=torch.float32)
+    logits = logits.to(dtype)
+    ref = soft_dice_reference(logits.double(), target, from_logits=True)
+    sums = emulated.soft_dice_sums(logits, target, True, 32, 4)
+    assert sums.dtype == dtype
+    dice = (2 * sums[..., 0].double() + 1e-6) / (sums[..., 1].double() + sums[..., 2].double() + 1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(dice, ref, rtol=tol, atol=tol)
