@@ -1,0 +1,53 @@
+"""Soft Dice: deepatlas_fast.soft_dice (fused softmax, integer labels read directly) vs
+MONAI's DiceLoss(softmax=True, to_onehot_y=True), 5 classes, forward and forward+backward."""
+from __future__ import annotations
+
+import torch
+
+import deepatlas_fast as da
+
+CLASSES = 5
+
+
+def _monai():
+    from monai.losses import DiceLoss
+    return DiceLoss(softmax=True, to_onehot_y=True)
+
+
+def _ours(logits, labels):
+    return 1 - da.soft_dice(logits, labels, from_logits=True).mean()
+
+
+def _inputs(shape, grad):
+    torch.manual_seed(0)
+    logits = torch.randn(1, CLASSES, *shape).requires_grad_(grad)
+    labels = torch.randint(0, CLASSES, (1, 1, *shape))
+    return logits, labels
+
+
+def _forward(loss, shape):
+    logits, labels = _inputs(shape, False)
+    return lambda: loss(logits, labels)
+
+
+def _fwd_bwd(loss, shape):
+    logits, labels = _inputs(shape, True)
+
+    def run():
+        loss(logits, labels).backward()
+        logits.grad = None  # freed after the call: the peak counts it, the baseline not
+
+    return run
+
+
+CASES = {
+    "deepatlas_fast.soft_dice forward": lambda s: _forward(_ours, s),
+    "MONAI DiceLoss forward": lambda s: _forward(_monai(), s),
+    "deepatlas_fast.soft_dice forward+backward": lambda s: _fwd_bwd(_ours, s),
+    "MONAI DiceLoss forward+backward": lambda s: _fwd_bwd(_monai(), s),
+}
+GROUPS = [
+    (f"soft Dice ({CLASSES} classes) forward", "deepatlas_fast.soft_dice forward", ["MONAI DiceLoss forward"]),
+    (f"soft Dice ({CLASSES} classes) forward+backward", "deepatlas_fast.soft_dice forward+backward",
+     ["MONAI DiceLoss forward+backward"]),
+]
