@@ -131,7 +131,7 @@ void backward_impl(const Geometry& g, const at::Tensor& grad_sums, const at::Ten
   const scalar_t* pz = probs.const_data_ptr<scalar_t>();
   const scalar_t* gsum = grad_sums.const_data_ptr<scalar_t>();
   for_each_chunk(g, [&](int64_t, int64_t b, int64_t v0, int64_t n) {
-    std::vector<scalar_t> p(g.from_logits ? C * n : 0), tmp(2 * n), dp(gp_out ? C * n : 0);
+    std::vector<scalar_t> p(g.from_logits ? C * n : 0), tmp(2 * n);
     std::vector<int32_t> labels(g.labels ? n : 0);
     int64_t ps;
     const scalar_t* p0 = chunk_probs(g, pz + b * C * N + v0, n, p.data(), tmp.data(), &ps);
@@ -140,31 +140,38 @@ void backward_impl(const Geometry& g, const at::Tensor& grad_sums, const at::Ten
     if (y) chunk_labels<label_t>(target.const_data_ptr<label_t>() + b * N + v0, n, C, labels.data(), nullptr);
     const scalar_t* t0 = g.labels ? nullptr : target.const_data_ptr<scalar_t>() + b * C * N + v0;
     if (gp_out) {
-      for (int64_t c = 0; c < C; ++c) {  // dL/dp_c = gI_c t_c + gP_c
-        const scalar_t gi = gb[c * 3], gpc = gb[c * 3 + 1];
-        scalar_t* d = dp.data() + c * n;
-        if (y) {
-#pragma omp simd
-          for (int64_t v = 0; v < n; ++v)
-            d[v] = (y[v] == static_cast<int32_t>(c) ? gi : scalar_t(0)) + gpc;
-        } else {
-          const scalar_t* tc = t0 + c * N;
-#pragma omp simd
-          for (int64_t v = 0; v < n; ++v) d[v] = gi * tc[v] + gpc;
-        }
-      }
+      // dL/dp_c = gI_c t_c + gP_c (recomputed where needed rather than stored);
+      // through the softmax dL/dz_c = p_c (dL/dp_c - sum_k p_k dL/dp_k).
       scalar_t* out = gp_out + b * C * N + v0;
-      if (g.from_logits) {  // dL/dz_c = p_c (dL/dp_c - sum_k p_k dL/dp_k)
-        scalar_t* dot = tmp.data();
-        std::fill_n(dot, n, scalar_t(0));
-        for (int64_t c = 0; c < C; ++c)
+      scalar_t* dot = tmp.data();
+      if (g.from_logits) std::fill_n(dot, n, scalar_t(0));
+      for (int pass = g.from_logits ? 0 : 1; pass < 2; ++pass) {
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t gi = gb[c * 3], gpc = gb[c * 3 + 1];
+          const scalar_t* pc = p0 + c * ps;
+          const scalar_t* tc = t0 ? t0 + c * N : nullptr;
+          const int32_t ci = static_cast<int32_t>(c);
+          scalar_t* oc = out + c * N;
+          if (pass == 0 && y) {
 #pragma omp simd
-          for (int64_t v = 0; v < n; ++v) dot[v] += p0[c * ps + v] * dp[c * n + v];
-        for (int64_t c = 0; c < C; ++c)
+            for (int64_t v = 0; v < n; ++v) dot[v] += pc[v] * ((y[v] == ci ? gi : scalar_t(0)) + gpc);
+          } else if (pass == 0) {
 #pragma omp simd
-          for (int64_t v = 0; v < n; ++v) out[c * N + v] = p0[c * ps + v] * (dp[c * n + v] - dot[v]);
-      } else {
-        for (int64_t c = 0; c < C; ++c) std::copy_n(dp.data() + c * n, n, out + c * N);
+            for (int64_t v = 0; v < n; ++v) dot[v] += pc[v] * (gi * tc[v] + gpc);
+          } else if (y && g.from_logits) {
+#pragma omp simd
+            for (int64_t v = 0; v < n; ++v) oc[v] = pc[v] * ((y[v] == ci ? gi : scalar_t(0)) + gpc - dot[v]);
+          } else if (g.from_logits) {
+#pragma omp simd
+            for (int64_t v = 0; v < n; ++v) oc[v] = pc[v] * (gi * tc[v] + gpc - dot[v]);
+          } else if (y) {
+#pragma omp simd
+            for (int64_t v = 0; v < n; ++v) oc[v] = (y[v] == ci ? gi : scalar_t(0)) + gpc;
+          } else {
+#pragma omp simd
+            for (int64_t v = 0; v < n; ++v) oc[v] = gi * tc[v] + gpc;
+          }
+        }
       }
     }
     if (gt_out) {  // dL/dt_c = gI_c p_c + gT_c
