@@ -8,13 +8,17 @@ runner is not used). Nets have the default widths (``config.DEFAULTS``) and rand
 does not depend on their values); the demo label table has 28 classes. The same computation on
 both sides: seg = logits + argmax (``export.SegGraph``), reg = displacement + the moving image
 warped by it (``export.RegGraph``), batch 1, float32, inference mode. ORT gets as many intra-op
-threads as torch. Time only (no peak memory): the models are exported once, in this process.
+threads as torch. Median of ``--repeat`` rounds, the cases of one grid interleaved in each round
+(see ``interleaved_times``). Time only (no peak memory): the models are exported once, in this
+process.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -87,6 +91,20 @@ GROUPS = [
 ]
 
 
+def interleaved_times(fns: dict, repeat: int) -> dict:
+    """One warm-up each, then ``repeat`` rounds timing every case once per round: on a machine
+    shared with other jobs, both sides of a ratio see the same load."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def main(args) -> list[dict]:
     """Entry point of ``python -m benchmarks`` (args: repeat); prints one table per grid."""
     import onnxruntime as ort
@@ -98,13 +116,13 @@ def main(args) -> list[dict]:
         print("  onnx: exporting the default nets ...", file=sys.stderr)
         paths = _export(reg, seg, Path(tmp))
         for label, shape in SHAPES.items():
-            by_case = {}
-            for name, fn in cases(shape, reg, seg, paths, threads).items():
-                print(f"  onnx: {label} {name} ...", file=sys.stderr)
-                by_case[name] = {"module": "bench_onnx", "case": name, "shape": list(shape), "grid": label,
-                                 "seconds": common.median_time(fn, repeat=args.repeat), "threads": threads,
-                                 "onnxruntime": ort.__version__}
-                del fn
+            print(f"  onnx: {label} {'x'.join(map(str, shape))} ...", file=sys.stderr)
+            fns = cases(shape, reg, seg, paths, threads)
+            times = interleaved_times(fns, args.repeat)
+            del fns
+            by_case = {name: {"module": "bench_onnx", "case": name, "shape": list(shape), "grid": label,
+                              "seconds": statistics.median(t), "threads": threads, "onnxruntime": ort.__version__}
+                       for name, t in times.items()}
             for title, ours, others in GROUPS:
                 for other in others:
                     by_case[other].setdefault("speedup_of", {})[ours] = by_case[other]["seconds"] / by_case[ours]["seconds"]
