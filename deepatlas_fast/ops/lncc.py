@@ -24,12 +24,17 @@ def lncc(a: torch.Tensor, b: torch.Tensor, *, window: int = 9, eps: float = 1e-5
         window: odd, 3..15.
         eps: added to var_a var_b.
 
-    Gradients flow to both inputs, exactly (no approximation). Memory: the CPU kernel streams
-    the volume along D and allocates no volume-sized buffer besides the two gradients: about
-    5 (window + 8) float64 H x W slices per stream and thread (forward one stream, backward
-    two), e.g. 0.3 volumes of float32 at 160x192x224, window 9, per thread. CPU: float32/float64,
-    float64 sums, bitwise deterministic for any thread count. CUDA: also float16/bfloat16,
-    float32 sums, 5 volume-sized float32 buffers besides the gradients, deterministic.
+    Gradients flow to both inputs, exactly (no approximation).
+
+    Memory, CPU: the kernel streams each volume along D in slabs (one per thread at a time)
+    and allocates no volume-sized buffer besides the two gradients. Per thread: forward
+    5 (window + 1) slices of H x W in the input dtype plus 10 float64 slices; backward about
+    twice that. At 160x192x224, window 9, float32 that is ~0.45 volumes per thread forward and
+    ~0.9 backward, so forward+backward on 2 threads peaks at ~2 volumes + the 2 gradients.
+    CUDA: 5 volume-sized float32 buffers (float64 for float64 input) besides the gradients.
+
+    CPU: float32/float64 with float64 sums, bitwise deterministic for any thread count.
+    CUDA: also float16/bfloat16 with float32 sums; deterministic (no atomics), no host sync.
     """
     window = int(window)
     if window < 3 or window > 15 or window % 2 == 0:
