@@ -1,11 +1,12 @@
 // CPU launchers of the LNCC op. Box sums are separable running sums (O(1) per voxel and axis,
 // whatever the window), in float64. The volume is streamed slice by slice along D: a slice is
 // box-summed in H and W (2D), kept in a ring of window + 1 slices, and the D-box is a running
-// sum over that ring. So no volume-sized buffer is allocated besides the gradients: working
-// memory is ~(window + 7) * 5 slices per stream (forward 1 stream, backward 2: the box sums of
-// the moments feed the per-voxel cc coefficients, whose box sums give the gradients).
-// Work inside a slice runs in parallel (rows / column strips); every sum has a fixed order,
-// so results are bitwise identical for any thread count.
+// sum over that ring. So no volume-sized buffer is allocated besides the gradients: a stream
+// holds 5 (window + 1) slices in the input dtype and 5 float64 slices, plus 5 float64 scratch
+// slices per task (forward 1 stream; backward 2 and 5 more slices: the box sums of the moments
+// feed the per-voxel cc coefficients, whose box sums give the gradients).
+// Tasks are slabs along D (for_each_slab); every sum has a fixed order, so results are bitwise
+// identical for any thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
