@@ -9,15 +9,18 @@ import numpy as np
 import pytest
 
 from _synth import LABEL_VALUES, tiny_overrides, tiny_run, write_dataset
+import deepatlas_fast
 from deepatlas_fast.cli import COMMANDS, main
 from deepatlas_fast.io import load_header, load_nifti, save_nifti
 
-REPO = Path(__file__).resolve().parents[1]
+# Subprocesses must import the package this test imported (the installed one in CI), not
+# the source tree, which has no compiled extension there.
+PKG_ROOT = str(Path(deepatlas_fast.__file__).resolve().parents[1])
 
 
-def test_help_lists_every_command():
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-m", "deepatlas_fast.cli", "--help"], env=env, capture_output=True,
+def test_help_lists_every_command(tmp_path):
+    env = dict(os.environ, PYTHONPATH=PKG_ROOT)
+    out = subprocess.run([sys.executable, "-m", "deepatlas_fast.cli", "--help"], env=env, capture_output=True, cwd=tmp_path,
                          text=True, check=True).stdout
     for name in COMMANDS:
         assert name in out

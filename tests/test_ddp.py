@@ -12,9 +12,12 @@ from pathlib import Path
 import torch
 
 from _synth import tiny_overrides, write_dataset
+import deepatlas_fast
 from deepatlas_fast.train import list_checkpoints, train
 
-REPO = Path(__file__).resolve().parents[1]
+# Subprocesses must import the package this test imported (the installed one in CI), not
+# the source tree, which has no compiled extension there.
+PKG_ROOT = str(Path(deepatlas_fast.__file__).resolve().parents[1])
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):
@@ -23,8 +26,8 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
            "-m", "deepatlas_fast.cli", "train", "--data", str(dl), "--out", str(tmp_path / "ddp"), "--no-progress"]
     cmd += [a for s in common + ["train.batch_size=1"] for a in ("--set", s)]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     train(None, dl, tmp_path / "single", overrides=common + ["train.batch_size=2"], progress=False)
 

@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from _synth import tiny_overrides, tiny_run, write_dataset
+import deepatlas_fast
 from deepatlas_fast.config import load_config
 from deepatlas_fast.data import VolumeDataset, read_data
 from deepatlas_fast.train import Trainer, build_preprocessing, list_checkpoints, train
 
-REPO = Path(__file__).resolve().parents[1]
+# Subprocesses must import the package this test imported (the installed one in CI), not
+# the source tree, which has no compiled extension there.
+PKG_ROOT = str(Path(deepatlas_fast.__file__).resolve().parents[1])
 
 
 def _load(p):
@@ -85,8 +88,8 @@ def test_sigkill_loses_no_completed_checkpoint(tmp_path):
     sets = tiny_overrides(reg=500) + ["train.checkpoint_every=1", "train.checkpoint_keep=0"]
     cmd = [sys.executable, "-m", "deepatlas_fast.cli", "train", "--data", str(dl), "--out", str(run),
            "--stage", "reg", "--no-progress"] + [a for s in sets for a in ("--set", s)]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     try:
         deadline = time.time() + 120
         while len(list_checkpoints(run)) < 4:
