@@ -8,14 +8,19 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "warp/warp_checks.h"
+#include "warp/warp_cpu_avx2.h"
 #include "warp/warp_math.h"
 
 namespace deepatlas_fast {
@@ -52,6 +57,48 @@ struct Row {
   }
 };
 
+// The AVX2 rows (warp_cpu_avx2.h) serve float32, linear mode, W-contiguous image and disp,
+// on CPUs that have AVX2. DEEPATLAS_FAST_SIMD=0, read at every call, forces the scalar path
+// (the tests compare both paths).
+bool simd_wanted() {
+  const char* env = std::getenv("DEEPATLAS_FAST_SIMD");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return avx2::cpu_supported();
+}
+
+// Offsets along D, H, W inside one channel of a tensor with these strides fit in int32.
+bool fits_int32(const Geometry& g, const Strides5& s) {
+  const int64_t last = (g.in_d - 1) * s.d + (g.in_h - 1) * s.h + (g.in_w - 1) * s.w;
+  return s.d >= 0 && s.h >= 0 && s.w >= 0 && last + 1 < std::numeric_limits<int32_t>::max();
+}
+
+template <typename scalar_t>
+bool use_avx2(const Geometry& g, const Strides5& is, const Strides5& ds) {
+  return std::is_same<scalar_t, float>::value && g.mode == Mode::Linear && is.w == 1 &&
+         ds.w == 1 && fits_int32(g, is) && g.out_w < (int64_t(1) << 24) && simd_wanted();
+}
+
+template <typename scalar_t>
+avx2::RowArgs avx2_row(const Geometry& g, const scalar_t* img_b, const Strides5& is,
+                       const Row<scalar_t>& row) {
+  avx2::RowArgs r;
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    r.img = img_b;
+    r.uz = row.uz;
+    r.uy = row.uy;
+    r.ux = row.ux;
+    r.d = row.d;
+    r.h = row.h;
+    r.lim = limits<float>(g);
+  }
+  r.isd = static_cast<int32_t>(is.d);
+  r.ish = static_cast<int32_t>(is.h);
+  r.isc = is.c;
+  r.channels = g.channels;
+  r.width = g.out_w;
+  return r;
+}
+
 at::Tensor warp_cpu(const at::Tensor& image, const at::Tensor& disp, c10::string_view mode,
                     c10::string_view padding) {
   const Geometry g = check_inputs("warp", image, disp, mode, padding);
@@ -62,6 +109,7 @@ at::Tensor warp_cpu(const at::Tensor& image, const at::Tensor& disp, c10::string
     const scalar_t* u = disp.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const Limits<scalar_t> lim = limits<scalar_t>(g);
+    const bool simd = use_avx2<scalar_t>(g, is, ds);
     // Interior voxels of linear mode take the short path, single-channel images (the common
     // case) with the channel count fixed at compile time; the rest the general path.
     auto run = [&](auto channels) {
@@ -69,7 +117,7 @@ at::Tensor warp_cpu(const at::Tensor& image, const at::Tensor& disp, c10::string
         const Row<scalar_t> row(u, ds, b, d, h);
         const scalar_t* ib = img + b * is.b;
         scalar_t* orow = o + b * os.b + d * os.d + h * os.h;
-        for (int64_t w = 0; w < g.out_w; ++w) {
+        auto voxel = [&](int64_t w) {
           scalar_t z, y, x;
           row.at(w, &z, &y, &x);
           if (g.mode == Mode::Linear && strictly_interior(lim, z, y, x))
@@ -77,7 +125,11 @@ at::Tensor warp_cpu(const at::Tensor& image, const at::Tensor& disp, c10::string
                 g, ib, is, interior_cell(z, y, x, is.d, is.h, is.w), orow + w * os.w, os.c);
           else
             sample_voxel<scalar_t, scalar_t>(g, ib, is, z, y, x, orow + w * os.w, os.c);
+        };
+        if constexpr (std::is_same<scalar_t, float>::value) {
+          if (simd) return avx2::forward_row(avx2_row(g, ib, is, row), orow, os.c, voxel);
         }
+        for (int64_t w = 0; w < g.out_w; ++w) voxel(w);
       });
     };
     if (g.channels == 1)
@@ -94,17 +146,89 @@ struct PlainAdd {
   inline void operator()(int64_t off, scalar_t v) const { base[off] += v; }
 };
 
-// Both gradients. The disp gradient alone is a plain parallel map. The image gradient is a
-// scatter, done without atomics and with bits independent of the thread count:
-//  1. key each output voxel by the lowest image slice its stencil writes (scatter_slab, from
-//     the d-displacement only);
-//  2. stable counting sort of the voxels by key (per-output-slice histograms, a serial
-//     prefix sum, a parallel scatter of voxel indices);
-//  3. two passes, even keys then odd keys: keys of one parity write disjoint slice pairs
-//     {k, k + 1}, so their groups run in parallel, each group serially in voxel order.
-//     The disp gradient of each voxel is computed in the same visit (one stencil).
-// Extra memory: one int32 per output voxel plus per-slice histograms.
-// Every voxel is visited exactly once, so its disp gradient is written exactly once.
+// Schedule of the image-gradient scatter by blocks of output slices (see warp_backward_cpu).
+struct SlabPlan {
+  int64_t slices_per_chunk = 1, chunks = 0, phases = 0;  // phases == 0: no valid plan
+};
+
+// Image slices [lo, hi] that output slice (b, d) may write: a superset computed from the
+// extreme d-locations (the slices written are monotone in the location; NaN writes nothing).
+template <typename scalar_t>
+std::pair<int64_t, int64_t> slice_reach(const Geometry& g, const scalar_t* uz, const Strides5& ds,
+                                        int64_t d) {
+  scalar_t lo = std::numeric_limits<scalar_t>::infinity(), hi = -lo;
+  for (int64_t h = 0; h < g.out_h; ++h) {
+    const scalar_t* p = uz + h * ds.h;
+    for (int64_t w = 0; w < g.out_w; ++w) {
+      const scalar_t v = p[w * ds.w];
+      lo = v < lo ? v : lo;  // NaN compares false: skipped
+      hi = v > hi ? v : hi;
+    }
+  }
+  if (!(lo <= hi)) return {1, 0};  // nothing finite: writes nothing
+  const scalar_t z0 = static_cast<scalar_t>(d) + lo, z1 = static_cast<scalar_t>(d) + hi;
+  const scalar_t top = static_cast<scalar_t>(g.in_d + 1);
+  // linear writes floor(z) and floor(z) + 1, nearest round(z) <= floor(z) + 1
+  const int64_t a = floor_index(clamp_value(z0, scalar_t(-2), top));
+  const int64_t b = floor_index(clamp_value(z1, scalar_t(-2), top)) + 1;
+  return {std::max<int64_t>(a, 0), std::min<int64_t>(b, g.in_d - 1)};
+}
+
+// Groups output slices into fixed-size chunks and finds the fewest phases K such that chunks
+// j and j' with j = j' (mod K) never write a common image slice (per batch item). Depends
+// only on the data and shapes, never on the thread count.
+template <typename scalar_t>
+SlabPlan plan_slabs(const Geometry& g, const scalar_t* u, const Strides5& ds) {
+  SlabPlan p;
+  p.slices_per_chunk = std::max<int64_t>(1, (g.out_d + 31) / 32);
+  p.chunks = (g.out_d + p.slices_per_chunk - 1) / p.slices_per_chunk;
+  std::vector<std::pair<int64_t, int64_t>> reach(g.batch * g.out_d);
+  at::parallel_for(0, g.batch * g.out_d, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t b = s / g.out_d, d = s % g.out_d;
+      reach[s] = slice_reach(g, u + b * ds.b + d * ds.d, ds, d);
+    }
+  });
+  std::vector<std::pair<int64_t, int64_t>> chunk(g.batch * p.chunks, {1, 0});
+  for (int64_t s = 0; s < g.batch * g.out_d; ++s) {
+    const auto& r = reach[s];
+    if (r.first > r.second) continue;
+    auto& c = chunk[(s / g.out_d) * p.chunks + (s % g.out_d) / p.slices_per_chunk];
+    c = c.first > c.second ? r : std::make_pair(std::min(c.first, r.first), std::max(c.second, r.second));
+  }
+  auto disjoint = [](const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) {
+    return a.first > a.second || b.first > b.second || a.second < b.first || b.second < a.first;
+  };
+  for (int64_t k = 1; k <= p.chunks; ++k) {
+    bool ok = true;
+    for (int64_t b = 0; b < g.batch && ok; ++b)
+      for (int64_t j = 0; j < p.chunks && ok; ++j)
+        for (int64_t j2 = j + k; j2 < p.chunks && ok; j2 += k)
+          ok = disjoint(chunk[b * p.chunks + j], chunk[b * p.chunks + j2]);
+    if (ok) {
+      // Worth it with at least 2 chunks per phase on average; otherwise the sort schedule.
+      if (2 * k <= g.batch * p.chunks) p.phases = k;
+      break;
+    }
+  }
+  return p;
+}
+
+// Both gradients. The disp gradient alone is a plain parallel map over rows. The image
+// gradient is a scatter, done without atomics and with bits independent of the thread count,
+// each output voxel visited once (its disp gradient computed from the same stencil):
+//  - slab schedule (smooth, moderate displacements: the usual case): output slices are cut
+//    into fixed chunks; chunks are coloured with K phases such that chunks of one phase write
+//    disjoint image slices (plan_slabs). Phases run one after the other, the chunks of a
+//    phase in parallel, each chunk serially in row order. No extra memory.
+//  - sort schedule (when no K gives two chunks per phase, e.g. large random displacements):
+//    1. key each output voxel by the lowest image slice its stencil writes (scatter_slab,
+//       from the d-displacement only);
+//    2. stable counting sort of the voxels by key (per-output-slice histograms, a serial
+//       prefix sum, a parallel scatter of voxel indices);
+//    3. two passes, even keys then odd keys: keys of one parity write disjoint slice pairs
+//       {k, k + 1}, so their groups run in parallel, each group serially in voxel order.
+//    Extra memory: one int32 per output voxel plus per-slice histograms.
 std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
                                                       const at::Tensor& image,
                                                       const at::Tensor& disp,
@@ -131,11 +255,14 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
     scalar_t* gd = need_disp ? grad_disp.mutable_data_ptr<scalar_t>() : nullptr;
 
     const Limits<scalar_t> lim = limits<scalar_t>(g);
+    // grad_image is ours (contiguous), grad_disp too; grad_out may be broadcast along W.
+    const bool simd = use_avx2<scalar_t>(g, is, ds) && (gs.w == 0 || gs.w == 1) &&
+                      (!need_image || (ris.w == 1 && fits_int32(g, ris))) &&
+                      (!need_disp || rds.w == 1);
     // Backward of output voxel (b, d, h, w), with the adder of batch item b; interior voxels
     // of linear mode take the short path, with the channel count fixed for one channel.
-    auto visit = [&](auto channels, int64_t b, int64_t d, int64_t h, int64_t w,
-                     PlainAdd<scalar_t>& add) {
-      const Row<scalar_t> row(u, ds, b, d, h);
+    auto visit = [&](auto channels, const Row<scalar_t>& row, int64_t b, int64_t d, int64_t h,
+                     int64_t w, PlainAdd<scalar_t>& add) {
       scalar_t z, y, x, tz, ty, tx;
       row.at(w, &z, &y, &x);
       const scalar_t* ib = img + b * is.b;
@@ -153,6 +280,20 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
         r[2 * rds.c] = tx;
       }
     };
+    // One output row, voxels in W order (the scatter order the schedules rely on).
+    auto backward_row = [&](auto channels, int64_t b, int64_t d, int64_t h) {
+      const Row<scalar_t> row(u, ds, b, d, h);
+      PlainAdd<scalar_t> add{need_image ? gi + b * ris.b : nullptr};
+      auto voxel = [&](int64_t w) { visit(channels, row, b, d, h, w, add); };
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        if (simd)
+          return avx2::backward_row(
+              avx2_row(g, img + b * is.b, is, row), go + b * gs.b + d * gs.d + h * gs.h, gs.c,
+              gs.w, add.base, static_cast<int32_t>(ris.d), static_cast<int32_t>(ris.h), ris.c,
+              need_disp ? gd + b * rds.b + d * rds.d + h * rds.h : nullptr, rds.c, voxel);
+      }
+      for (int64_t w = 0; w < g.out_w; ++w) voxel(w);
+    };
     auto with_channels = [&](auto body) {
       if (g.channels == 1)
         body(std::integral_constant<int, 1>{});
@@ -162,10 +303,26 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
 
     if (!need_image) {
       with_channels([&](auto channels) {
-        for_each_row(g, [&](int64_t b, int64_t d, int64_t h) {
-          PlainAdd<scalar_t> none{nullptr};  // never called: need_image is false
-          for (int64_t w = 0; w < g.out_w; ++w) visit(channels, b, d, h, w, none);
-        });
+        for_each_row(g, [&](int64_t b, int64_t d, int64_t h) { backward_row(channels, b, d, h); });
+      });
+      return;
+    }
+
+    const SlabPlan plan = plan_slabs(g, u, ds);
+    if (plan.phases > 0) {
+      with_channels([&](auto channels) {
+        for (int64_t phase = 0; phase < plan.phases; ++phase) {
+          // chunks phase, phase + K, ... of every batch item
+          const int64_t per_batch = (plan.chunks - phase + plan.phases - 1) / plan.phases;
+          at::parallel_for(0, g.batch * per_batch, 1, [&](int64_t j0, int64_t j1) {
+            for (int64_t j = j0; j < j1; ++j) {
+              const int64_t b = j / per_batch, c = phase + (j % per_batch) * plan.phases;
+              const int64_t d1 = std::min(g.out_d, (c + 1) * plan.slices_per_chunk);
+              for (int64_t d = c * plan.slices_per_chunk; d < d1; ++d)
+                for (int64_t h = 0; h < g.out_h; ++h) backward_row(channels, b, d, h);
+            }
+          });
+        }
       });
       return;
     }
@@ -235,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
               const int64_t v = ob[i];
               const int64_t w = v % g.out_w, h = (v / g.out_w) % g.out_h,
                             d = v / (g.out_w * g.out_h);
-              visit(channels, b, d, h, w, add);
+              visit(channels, Row<scalar_t>(u, ds, b, d, h), b, d, h, w, add);
             }
           }
         });

@@ -1,0 +1,242 @@
+// AVX2 specialisation of the float32 interior path of the CPU warp (forward and backward):
+// 8 voxels of a W row at a time, the corner pairs (x, x + 1) fetched with 64-bit gathers.
+// It performs the operations of warp_math.h's interior path in the same order and without
+// FMA, so its results are bit-identical to the scalar path (the tests assert this). Blocks
+// with any non-interior voxel (border, outside, NaN) and row tails are handed back to the
+// scalar code through a callback. Compiled with a target attribute, called only after a
+// runtime CPU check, so the package still runs on CPUs without AVX2 and on other ISAs.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DA_WARP_AVX2 1
+#include <immintrin.h>
+#endif
+
+#include "warp/warp_math.h"
+
+namespace deepatlas_fast {
+namespace warp {
+namespace avx2 {
+
+// Row of the AVX2 path: contiguous along W for the image, disp and output (gradients).
+// Offsets inside one channel must fit in int32 (checked by the caller).
+struct RowArgs {
+  const float* img;      // (b, 0, 0, 0, 0)
+  int32_t isd, ish;      // image strides along D and H (W stride is 1)
+  int64_t isc;           // image channel stride
+  int64_t channels;
+  const float* uz;       // displacement row, channels d, h, w
+  const float* uy;
+  const float* ux;
+  float d, h;            // row coordinates
+  int64_t width;
+  Limits<float> lim;
+};
+
+#ifdef DA_WARP_AVX2
+
+#define DA_AVX2 __attribute__((target("avx2")))
+#define DA_AVX2_INLINE __attribute__((target("avx2"), always_inline)) inline
+
+inline bool cpu_supported() { return __builtin_cpu_supports("avx2"); }
+
+// Locations of 8 voxels starting at w. Returns the bit mask of the strictly interior ones
+// (as strictly_interior); the others get cell 0 so that the gathers stay inside the volume,
+// and the callers recompute them with the scalar code.
+struct Block {
+  __m256 fz, fy, fx;
+  __m256i iz, iy, ix;
+};
+
+DA_AVX2_INLINE int interior_block(const RowArgs& r, int64_t w, Block* k) {
+  const __m256 z = _mm256_add_ps(_mm256_set1_ps(r.d), _mm256_loadu_ps(r.uz + w));
+  const __m256 y = _mm256_add_ps(_mm256_set1_ps(r.h), _mm256_loadu_ps(r.uy + w));
+  const __m256i wi = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)),
+                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256 x = _mm256_add_ps(_mm256_cvtepi32_ps(wi), _mm256_loadu_ps(r.ux + w));
+  const __m256 zero = _mm256_setzero_ps();
+  // Ordered comparisons: NaN fails them, as in the scalar test.
+  __m256 in = _mm256_and_ps(_mm256_cmp_ps(z, zero, _CMP_GT_OQ),
+                            _mm256_cmp_ps(z, _mm256_set1_ps(r.lim.d), _CMP_LT_OQ));
+  in = _mm256_and_ps(in, _mm256_and_ps(_mm256_cmp_ps(y, zero, _CMP_GT_OQ),
+                                       _mm256_cmp_ps(y, _mm256_set1_ps(r.lim.h), _CMP_LT_OQ)));
+  in = _mm256_and_ps(in, _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ),
+                                       _mm256_cmp_ps(x, _mm256_set1_ps(r.lim.w), _CMP_LT_OQ)));
+  const int mask = _mm256_movemask_ps(in);
+  if (mask == 0) return 0;
+  // Positive values: truncation is floor (interior_cell).
+  const __m256i keep = _mm256_castps_si256(in);
+  k->iz = _mm256_and_si256(_mm256_cvttps_epi32(z), keep);
+  k->iy = _mm256_and_si256(_mm256_cvttps_epi32(y), keep);
+  k->ix = _mm256_and_si256(_mm256_cvttps_epi32(x), keep);
+  k->fz = _mm256_sub_ps(z, _mm256_cvtepi32_ps(k->iz));
+  k->fy = _mm256_sub_ps(y, _mm256_cvtepi32_ps(k->iy));
+  k->fx = _mm256_sub_ps(x, _mm256_cvtepi32_ps(k->ix));
+  return mask;
+}
+
+DA_AVX2_INLINE __m256i offsets(const Block& k, int32_t sd, int32_t sh) {
+  return _mm256_add_epi32(_mm256_add_epi32(_mm256_mullo_epi32(k.iz, _mm256_set1_epi32(sd)),
+                                           _mm256_mullo_epi32(k.iy, _mm256_set1_epi32(sh))),
+                          k.ix);
+}
+
+// The two halves of the offsets, reordered so that the pair gathers deinterleave with one
+// shuffle each into voxel order 0..7 (see corners()).
+struct Halves {
+  __m128i lo, hi;
+};
+
+DA_AVX2_INLINE Halves halves(__m256i off) {
+  const __m256i p = _mm256_permutevar8x32_epi32(off, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+  return {_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)};
+}
+
+// The 8 corners of 8 cells, v[i][j][k] as in load_corners. Each 64-bit gather fetches the
+// pairs (x, x + 1) of 4 voxels: lo holds voxels 0 1 4 5, hi 2 3 6 7, so shuffling even/odd
+// floats of the two results gives voxels 0..7 in order.
+DA_AVX2_INLINE void corners(const float* p, const Halves& o, int32_t sd, int32_t sh,
+                            __m256 (&v)[2][2][2]) {
+  const long long* base = reinterpret_cast<const long long*>(p);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      const __m128i row = _mm_set1_epi32(i * sd + j * sh);
+      const __m256 a = _mm256_castsi256_ps(_mm256_i32gather_epi64(base, _mm_add_epi32(o.lo, row), 4));
+      const __m256 b = _mm256_castsi256_ps(_mm256_i32gather_epi64(base, _mm_add_epi32(o.hi, row), 4));
+      v[i][j][0] = _mm256_shuffle_ps(a, b, 0x88);
+      v[i][j][1] = _mm256_shuffle_ps(a, b, 0xDD);
+    }
+}
+
+DA_AVX2_INLINE __m256 lerp8(__m256 a, __m256 b, __m256 t) {
+  return _mm256_add_ps(a, _mm256_mul_ps(t, _mm256_sub_ps(b, a)));
+}
+
+// Forward of one output row: out[c * out_c + w] for w in [0, width). fallback(w) computes one
+// voxel with the scalar code.
+template <typename Fallback>
+DA_AVX2 void forward_row(const RowArgs& r, float* out, int64_t out_c, const Fallback& fallback) {
+  int64_t w = 0;
+  for (; w + 8 <= r.width; w += 8) {
+    Block k;
+    const int mask = interior_block(r, w, &k);
+    if (mask == 0) {
+      for (int l = 0; l < 8; ++l) fallback(w + l);
+      continue;
+    }
+    const Halves o = halves(offsets(k, r.isd, r.ish));
+    const float* p = r.img;
+    for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
+      __m256 v[2][2][2];
+      corners(p, o, r.isd, r.ish, v);
+      const __m256 c0 = lerp8(lerp8(v[0][0][0], v[0][0][1], k.fx), lerp8(v[0][1][0], v[0][1][1], k.fx), k.fy);
+      const __m256 c1 = lerp8(lerp8(v[1][0][0], v[1][0][1], k.fx), lerp8(v[1][1][0], v[1][1][1], k.fx), k.fy);
+      _mm256_storeu_ps(out + c * out_c + w, lerp8(c0, c1, k.fz));
+    }
+    if (mask != 0xFF)  // overwrite the lanes that are not interior
+      for (int l = 0; l < 8; ++l)
+        if (!(mask >> l & 1)) fallback(w + l);
+  }
+  for (; w < r.width; ++w) fallback(w);
+}
+
+// Backward of one output row (see backward_interior). go: grad_out row, channel stride go_c,
+// W stride go_w (0 or 1). If gi: the image gradient of this batch item, contiguous
+// [C, D, H, W] with strides gsd, gsh, gsc, scattered voxel after voxel in W order, each
+// voxel's 8 corners in the scalar order. If gd: the disp gradient row, channel stride gd_c.
+template <typename Fallback>
+DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64_t go_w, float* gi,
+                          int32_t gsd, int32_t gsh, int64_t gsc, float* gd, int64_t gd_c,
+                          const Fallback& fallback) {
+  alignas(32) float wt[2][2][2][8];  // scatter weights [i][j][k][voxel]
+  alignas(32) int32_t og[8];         // grad-image offsets of corner (0, 0, 0)
+  const __m256 one = _mm256_set1_ps(1.f);
+  // The 8 corners of voxel l, in the scalar order; serial, as neighbouring voxels share corners.
+  auto scatter = [&](float* s, int l) {
+    s[0] += wt[0][0][0][l];
+    s[1] += wt[0][0][1][l];
+    s[gsh] += wt[0][1][0][l];
+    s[gsh + 1] += wt[0][1][1][l];
+    s[gsd] += wt[1][0][0][l];
+    s[gsd + 1] += wt[1][0][1][l];
+    s[gsd + gsh] += wt[1][1][0][l];
+    s[gsd + gsh + 1] += wt[1][1][1][l];
+  };
+  int64_t w = 0;
+  for (; w + 8 <= r.width; w += 8) {
+    Block k;
+    const int mask = interior_block(r, w, &k);
+    const bool partial = mask != 0xFF;
+    // A partial block keeps the scalar scatter order only with one channel (voxel order
+    // inside every channel): otherwise the whole block goes scalar.
+    if (mask == 0 || (partial && gi && r.channels != 1)) {
+      for (int l = 0; l < 8; ++l) fallback(w + l);
+      continue;
+    }
+    const Halves o = halves(offsets(k, r.isd, r.ish));
+    if (gi) _mm256_store_si256(reinterpret_cast<__m256i*>(og), offsets(k, gsd, gsh));
+    const __m256 wz[2] = {_mm256_sub_ps(one, k.fz), k.fz}, wy[2] = {_mm256_sub_ps(one, k.fy), k.fy},
+                 wx[2] = {_mm256_sub_ps(one, k.fx), k.fx};
+    __m256 tz = _mm256_setzero_ps(), ty = tz, tx = tz;
+    const float* p = r.img;
+    for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
+      const float* gc = go + c * go_c + w * go_w;
+      const __m256 g = go_w ? _mm256_loadu_ps(gc) : _mm256_set1_ps(*gc);
+      if (gd) {
+        __m256 v[2][2][2];
+        corners(p, o, r.isd, r.ish, v);
+        const __m256 a00 = lerp8(v[0][0][0], v[0][0][1], k.fx), a01 = lerp8(v[0][1][0], v[0][1][1], k.fx);
+        const __m256 a10 = lerp8(v[1][0][0], v[1][0][1], k.fx), a11 = lerp8(v[1][1][0], v[1][1][1], k.fx);
+        tz = _mm256_add_ps(tz, _mm256_mul_ps(g, _mm256_sub_ps(lerp8(a10, a11, k.fy), lerp8(a00, a01, k.fy))));
+        ty = _mm256_add_ps(ty, _mm256_mul_ps(g, lerp8(_mm256_sub_ps(a01, a00), _mm256_sub_ps(a11, a10), k.fz)));
+        const __m256 e0 = lerp8(_mm256_sub_ps(v[0][0][1], v[0][0][0]), _mm256_sub_ps(v[0][1][1], v[0][1][0]), k.fy);
+        const __m256 e1 = lerp8(_mm256_sub_ps(v[1][0][1], v[1][0][0]), _mm256_sub_ps(v[1][1][1], v[1][1][0]), k.fy);
+        tx = _mm256_add_ps(tx, _mm256_mul_ps(g, lerp8(e0, e1, k.fz)));
+      }
+      if (gi) {
+        for (int i = 0; i < 2; ++i)
+          for (int j = 0; j < 2; ++j) {
+            const __m256 wij = _mm256_mul_ps(_mm256_mul_ps(wz[i], wy[j]), g);
+            _mm256_store_ps(wt[i][j][0], _mm256_mul_ps(wij, wx[0]));
+            _mm256_store_ps(wt[i][j][1], _mm256_mul_ps(wij, wx[1]));
+          }
+        if (!partial)
+          for (int l = 0; l < 8; ++l) scatter(gi + c * gsc + og[l], l);
+      }
+    }
+    if (gd) {
+      _mm256_storeu_ps(gd + w, tz);
+      _mm256_storeu_ps(gd + gd_c + w, ty);
+      _mm256_storeu_ps(gd + 2 * gd_c + w, tx);
+    }
+    if (partial)  // in voxel order; the scalar code overwrites the disp gradient it computes
+      for (int l = 0; l < 8; ++l) {
+        if (!(mask >> l & 1))
+          fallback(w + l);
+        else if (gi)
+          scatter(gi + og[l], l);
+      }
+  }
+  for (; w < r.width; ++w) fallback(w);
+}
+
+#undef DA_AVX2
+#undef DA_AVX2_INLINE
+
+#else  // no AVX2 code on this compiler/ISA: callers take the scalar path
+
+inline bool cpu_supported() { return false; }
+
+template <typename Fallback>
+void forward_row(const RowArgs&, float*, int64_t, const Fallback&) {}
+template <typename Fallback>
+void backward_row(const RowArgs&, const float*, int64_t, int64_t, float*, int32_t, int32_t,
+                  int64_t, float*, int64_t, const Fallback&) {}
+
+#endif
+
+}  // namespace avx2
+}  // namespace warp
+}  // namespace deepatlas_fast
