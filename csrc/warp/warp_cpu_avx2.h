@@ -83,28 +83,23 @@ DA_AVX2_INLINE __m256i offsets(const Block& k, int32_t sd, int32_t sh) {
                           k.ix);
 }
 
-// The two halves of the offsets, reordered so that the pair gathers deinterleave with one
-// shuffle each into voxel order 0..7 (see corners()).
-struct Halves {
-  __m128i lo, hi;
-};
-
-DA_AVX2_INLINE Halves halves(__m256i off) {
-  const __m256i p = _mm256_permutevar8x32_epi32(off, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
-  return {_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)};
+// Corner pairs (x, x + 1) of voxels a and b, as [a0 a1 b0 b1]: two 64-bit loads. (Measured on
+// Zen 4: ~1.5x faster than 64-bit gathers.)
+DA_AVX2_INLINE __m128 pairs(const float* p, int32_t a, int32_t b) {
+  const __m128 lo = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p + a)));
+  return _mm_loadh_pi(lo, reinterpret_cast<const __m64*>(p + b));
 }
 
-// The 8 corners of 8 cells, v[i][j][k] as in load_corners. Each 64-bit gather fetches the
-// pairs (x, x + 1) of 4 voxels: lo holds voxels 0 1 4 5, hi 2 3 6 7, so shuffling even/odd
-// floats of the two results gives voxels 0..7 in order.
-DA_AVX2_INLINE void corners(const float* p, const Halves& o, int32_t sd, int32_t sh,
+// The 8 corners of 8 cells, v[i][j][k] as in load_corners; off: offsets of corner (0, 0, 0).
+// Loading voxels (0 1 4 5) and (2 3 6 7) into the two vectors lets one shuffle of even/odd
+// floats give voxels 0..7 in order.
+DA_AVX2_INLINE void corners(const float* p, const int32_t* off, int32_t sd, int32_t sh,
                             __m256 (&v)[2][2][2]) {
-  const long long* base = reinterpret_cast<const long long*>(p);
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) {
-      const __m128i row = _mm_set1_epi32(i * sd + j * sh);
-      const __m256 a = _mm256_castsi256_ps(_mm256_i32gather_epi64(base, _mm_add_epi32(o.lo, row), 4));
-      const __m256 b = _mm256_castsi256_ps(_mm256_i32gather_epi64(base, _mm_add_epi32(o.hi, row), 4));
+      const float* q = p + i * sd + j * sh;
+      const __m256 a = _mm256_set_m128(pairs(q, off[4], off[5]), pairs(q, off[0], off[1]));
+      const __m256 b = _mm256_set_m128(pairs(q, off[6], off[7]), pairs(q, off[2], off[3]));
       v[i][j][0] = _mm256_shuffle_ps(a, b, 0x88);
       v[i][j][1] = _mm256_shuffle_ps(a, b, 0xDD);
     }
@@ -126,7 +121,8 @@ DA_AVX2 void forward_row(const RowArgs& r, float* out, int64_t out_c, const Fall
       for (int l = 0; l < 8; ++l) fallback(w + l);
       continue;
     }
-    const Halves o = halves(offsets(k, r.isd, r.ish));
+    alignas(32) int32_t o[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(o), offsets(k, r.isd, r.ish));
     const float* p = r.img;
     for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
       __m256 v[2][2][2];
@@ -175,7 +171,8 @@ DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
       for (int l = 0; l < 8; ++l) fallback(w + l);
       continue;
     }
-    const Halves o = halves(offsets(k, r.isd, r.ish));
+    alignas(32) int32_t o[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(o), offsets(k, r.isd, r.ish));
     if (gi) _mm256_store_si256(reinterpret_cast<__m256i*>(og), offsets(k, gsd, gsh));
     const __m256 wz[2] = {_mm256_sub_ps(one, k.fz), k.fz}, wy[2] = {_mm256_sub_ps(one, k.fy), k.fy},
                  wx[2] = {_mm256_sub_ps(one, k.fx), k.fx};
@@ -222,6 +219,29 @@ DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
   for (; w < r.width; ++w) fallback(w);
 }
 
+// Folds the n values at p into [*lo, *hi], skipping NaN (min/max_ps return their second
+// operand when either is NaN), as the scalar loop of slice_reach.
+DA_AVX2 inline void min_max(const float* p, int64_t n, float* lo, float* hi) {
+  __m256 mn = _mm256_set1_ps(*lo), mx = _mm256_set1_ps(*hi);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(p + i);
+    mn = _mm256_min_ps(v, mn);
+    mx = _mm256_max_ps(v, mx);
+  }
+  alignas(32) float a[8], b[8];
+  _mm256_store_ps(a, mn);
+  _mm256_store_ps(b, mx);
+  for (int l = 0; l < 8; ++l) {
+    *lo = a[l] < *lo ? a[l] : *lo;
+    *hi = b[l] > *hi ? b[l] : *hi;
+  }
+  for (; i < n; ++i) {
+    *lo = p[i] < *lo ? p[i] : *lo;
+    *hi = p[i] > *hi ? p[i] : *hi;
+  }
+}
+
 #undef DA_AVX2
 #undef DA_AVX2_INLINE
 
@@ -234,6 +254,7 @@ void forward_row(const RowArgs&, float*, int64_t, const Fallback&) {}
 template <typename Fallback>
 void backward_row(const RowArgs&, const float*, int64_t, int64_t, float*, int32_t, int32_t,
                   int64_t, float*, int64_t, const Fallback&) {}
+inline void min_max(const float*, int64_t, float*, float*) {}
 
 #endif
 
