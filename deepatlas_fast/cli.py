@@ -47,8 +47,9 @@ def main(argv=None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return int(_module(args.command).run(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        # user errors (bad paths, data, config): one clear line, no traceback
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
+        # user errors (bad paths, data, config, a missing optional extra such as onnxruntime):
+        # one clear line, no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"deepatlas-fast {args.command}: error: {msg}", file=sys.stderr)
         return 2
