@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "common/checks.h"
+
 #include "lncc/lncc_math.h"
 
 namespace deepatlas_fast {
@@ -24,14 +26,7 @@ inline Geometry check_inputs(const char* op, const at::Tensor& a, const at::Tens
                     b.device());
   TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": a is ", a.scalar_type(),
                    " but b is ", b.scalar_type(), "; both must have one dtype");
-  const auto dt = a.scalar_type();
-  if (kernel_half) {
-    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-                     op, ": CUDA tensors must be float32, float64, float16 or bfloat16, got ", dt);
-  } else {
-    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble, op,
-                     ": CPU tensors must be float32 or float64, got ", dt);
-  }
+  check_kernel_dtype(op, "tensors", a.scalar_type(), kernel_half);
   TORCH_CHECK_VALUE(window >= 3 && window <= kMaxWindow && window % 2 == 1, op,
                     ": window must be odd and in [3, ", kMaxWindow, "], got ", window);
   TORCH_CHECK_VALUE(eps >= 0 && eps < 1e30, op, ": eps must be finite and >= 0, got ", eps);

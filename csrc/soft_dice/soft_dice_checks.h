@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "common/checks.h"
+
 #include "soft_dice/soft_dice_math.h"
 
 namespace deepatlas_fast {
@@ -21,13 +23,7 @@ inline Geometry check_inputs(const char* op, const at::Tensor& probs, const at::
   TORCH_CHECK_VALUE(probs.device() == target.device(), op, ": probs is on ", probs.device(),
                     " but target is on ", target.device());
   const auto dt = probs.scalar_type();
-  if (kernel_half) {
-    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-                     op, ": CUDA probs must be float32, float64, float16 or bfloat16, got ", dt);
-  } else {
-    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble, op,
-                     ": CPU probs must be float32 or float64, got ", dt);
-  }
+  check_kernel_dtype(op, "probs", dt, kernel_half);
   const bool labels = at::isIntegralType(target.scalar_type(), /*includeBool=*/false);
   TORCH_CHECK_TYPE(labels || target.scalar_type() == dt, op,
                    ": target must be integer labels or probabilities of probs' dtype (", dt,

@@ -4,6 +4,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include "common/checks.h"
 #include <c10/util/string_view.h>
 
 #include "warp/warp_math.h"
@@ -49,14 +51,7 @@ inline Geometry check_inputs(const char* op, const at::Tensor& image, const at::
   TORCH_CHECK_TYPE(image.scalar_type() == disp.scalar_type(), op, ": image is ",
                    image.scalar_type(), " but disp is ", disp.scalar_type(),
                    "; both must have one dtype");
-  const auto dt = image.scalar_type();
-  if (kernel_half) {
-    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-                     op, ": CUDA tensors must be float32, float64, float16 or bfloat16, got ", dt);
-  } else {
-    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble, op,
-                     ": CPU tensors must be float32 or float64, got ", dt);
-  }
+  check_kernel_dtype(op, "tensors", image.scalar_type(), kernel_half);
   Geometry g;
   g.batch = image.size(0);
   g.channels = image.size(1);
