@@ -77,6 +77,21 @@ DA_AVX2_INLINE int interior_block(const RowArgs& r, int64_t w, Block* k) {
   return mask;
 }
 
+// True when the 8 (interior) cells are one run along x: same z and y cells, x cells x0..x0+7,
+// the common case for smooth displacements. Their corners are then 4 image rows of 9
+// consecutive values: plain vector loads replace the pair gathers, and the scatter becomes 4
+// vector read-add-writes (same values, same additions in the same order: bit-identical).
+DA_AVX2_INLINE bool run_block(const Block& k) {
+  const __m256i first = _mm256_setzero_si256();  // permute index: broadcast lane 0
+  const __m256i x0 = _mm256_permutevar8x32_epi32(k.ix, first);
+  const __m256i run = _mm256_add_epi32(x0, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i eq = _mm256_and_si256(
+      _mm256_and_si256(_mm256_cmpeq_epi32(k.iz, _mm256_permutevar8x32_epi32(k.iz, first)),
+                       _mm256_cmpeq_epi32(k.iy, _mm256_permutevar8x32_epi32(k.iy, first))),
+      _mm256_cmpeq_epi32(k.ix, run));
+  return _mm256_movemask_ps(_mm256_castsi256_ps(eq)) == 0xFF;
+}
+
 DA_AVX2_INLINE __m256i offsets(const Block& k, int32_t sd, int32_t sh) {
   return _mm256_add_epi32(_mm256_add_epi32(_mm256_mullo_epi32(k.iz, _mm256_set1_epi32(sd)),
                                            _mm256_mullo_epi32(k.iy, _mm256_set1_epi32(sh))),
@@ -105,8 +120,35 @@ DA_AVX2_INLINE void corners(const float* p, const int32_t* off, int32_t sd, int3
     }
 }
 
+// corners() for a run block: off0 is the offset of voxel 0's corner (0, 0, 0).
+DA_AVX2_INLINE void run_corners(const float* p, int32_t off0, int32_t sd, int32_t sh,
+                                __m256 (&v)[2][2][2]) {
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      const float* q = p + off0 + i * sd + j * sh;
+      v[i][j][0] = _mm256_loadu_ps(q);
+      v[i][j][1] = _mm256_loadu_ps(q + 1);
+    }
+}
+
 DA_AVX2_INLINE __m256 lerp8(__m256 a, __m256 b, __m256 t) {
   return _mm256_add_ps(a, _mm256_mul_ps(t, _mm256_sub_ps(b, a)));
+}
+
+// Prefetches the 4 rows of the cell of voxel w (a block ahead) in p, an image or its gradient
+// (same strides). Rough displacement fields move the sampled rows between slices along a row,
+// which the hardware prefetchers do not follow; the location is known early from the
+// displacement. Measured here on the benchmark field: ~5-10 % faster, forward and backward.
+constexpr int64_t kPrefetchAhead = 32;  // voxels
+
+DA_AVX2_INLINE void prefetch_cell(const RowArgs& r, const float* p, int32_t sd, int32_t sh, int64_t w) {
+  const float z = r.d + r.uz[w], y = r.h + r.uy[w], x = static_cast<float>(w) + r.ux[w];
+  if (!(z > 0.f && z < r.lim.d && y > 0.f && y < r.lim.h && x > 0.f && x < r.lim.w)) return;
+  const float* q = p + static_cast<int32_t>(z) * sd + static_cast<int32_t>(y) * sh + static_cast<int32_t>(x);
+  _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(q + sh), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(q + sd), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(q + sd + sh), _MM_HINT_T0);
 }
 
 // Forward of one output row: out[c * out_c + w] for w in [0, width). fallback(w) computes one
@@ -115,6 +157,7 @@ template <typename Fallback>
 DA_AVX2 void forward_row(const RowArgs& r, float* out, int64_t out_c, const Fallback& fallback) {
   int64_t w = 0;
   for (; w + 8 <= r.width; w += 8) {
+    if (w + kPrefetchAhead < r.width) prefetch_cell(r, r.img, r.isd, r.ish, w + kPrefetchAhead);
     Block k;
     const int mask = interior_block(r, w, &k);
     if (mask == 0) {
@@ -123,10 +166,14 @@ DA_AVX2 void forward_row(const RowArgs& r, float* out, int64_t out_c, const Fall
     }
     alignas(32) int32_t o[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(o), offsets(k, r.isd, r.ish));
+    const bool run = mask == 0xFF && run_block(k);
     const float* p = r.img;
     for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
       __m256 v[2][2][2];
-      corners(p, o, r.isd, r.ish, v);
+      if (run)
+        run_corners(p, o[0], r.isd, r.ish, v);
+      else
+        corners(p, o, r.isd, r.ish, v);
       const __m256 c0 = lerp8(lerp8(v[0][0][0], v[0][0][1], k.fx), lerp8(v[0][1][0], v[0][1][1], k.fx), k.fy);
       const __m256 c1 = lerp8(lerp8(v[1][0][0], v[1][0][1], k.fx), lerp8(v[1][1][0], v[1][1][1], k.fx), k.fy);
       _mm256_storeu_ps(out + c * out_c + w, lerp8(c0, c1, k.fz));
@@ -188,6 +235,10 @@ DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
   };
   int64_t w = 0;
   for (; w + 8 <= r.width; w += 8) {
+    if (w + kPrefetchAhead < r.width) {
+      if (gi) prefetch_cell(r, gi, gsd, gsh, w + kPrefetchAhead);
+      if (gd) prefetch_cell(r, r.img, r.isd, r.ish, w + kPrefetchAhead);
+    }
     Block k;
     const int mask = interior_block(r, w, &k);
     const bool partial = mask != 0xFF;
@@ -202,6 +253,7 @@ DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
     if (gi) _mm256_store_si256(reinterpret_cast<__m256i*>(og), offsets(k, gsd, gsh));
     const __m256 wz[2] = {_mm256_sub_ps(one, k.fz), k.fz}, wy[2] = {_mm256_sub_ps(one, k.fy), k.fy},
                  wx[2] = {_mm256_sub_ps(one, k.fx), k.fx};
+    const bool run = !partial && run_block(k);
     __m256 tz = _mm256_setzero_ps(), ty = tz, tx = tz;
     const float* p = r.img;
     for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
@@ -209,7 +261,10 @@ DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
       const __m256 g = go_w ? _mm256_loadu_ps(gc) : _mm256_set1_ps(*gc);
       if (gd) {
         __m256 v[2][2][2];
-        corners(p, o, r.isd, r.ish, v);
+        if (run)
+          run_corners(p, o[0], r.isd, r.ish, v);
+        else
+          corners(p, o, r.isd, r.ish, v);
         const __m256 a00 = lerp8(v[0][0][0], v[0][0][1], k.fx), a01 = lerp8(v[0][1][0], v[0][1][1], k.fx);
         const __m256 a10 = lerp8(v[1][0][0], v[1][0][1], k.fx), a11 = lerp8(v[1][1][0], v[1][1][1], k.fx);
         tz = _mm256_add_ps(tz, _mm256_mul_ps(g, _mm256_sub_ps(lerp8(a10, a11, k.fy), lerp8(a00, a01, k.fy))));
@@ -218,7 +273,22 @@ DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
         const __m256 e1 = lerp8(_mm256_sub_ps(v[1][0][1], v[1][0][0]), _mm256_sub_ps(v[1][1][1], v[1][1][0]), k.fy);
         tx = _mm256_add_ps(tx, _mm256_mul_ps(g, lerp8(e0, e1, k.fz)));
       }
-      if (gi) {
+      if (gi && run) {
+        // Position x0 + l of image row (i, j) receives, in the scalar order, voxel l - 1's
+        // x + 1 weight, then voxel l's x weight; x0 + 8 only voxel 7's x + 1 weight.
+        // (s + 0 == s: the sums start at +0 and never become -0.)
+        const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
+        float* q = gi + c * gsc + og[0];
+        for (int i = 0; i < 2; ++i)
+          for (int j = 0; j < 2; ++j) {
+            const __m256 wij = _mm256_mul_ps(_mm256_mul_ps(wz[i], wy[j]), g);
+            const __m256 w0 = _mm256_mul_ps(wij, wx[0]), w1 = _mm256_mul_ps(wij, wx[1]);
+            const __m256 prev = _mm256_blend_ps(_mm256_permutevar8x32_ps(w1, up), _mm256_setzero_ps(), 1);
+            float* s = q + i * gsd + j * gsh;
+            _mm256_storeu_ps(s, _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(s), prev), w0));
+            s[8] += _mm256_cvtss_f32(_mm256_permutevar8x32_ps(w1, _mm256_set1_epi32(7)));
+          }
+      } else if (gi) {
         for (int i = 0; i < 2; ++i)
           for (int j = 0; j < 2; ++j) {
             const __m256 wij = _mm256_mul_ps(_mm256_mul_ps(wz[i], wy[j]), g);
