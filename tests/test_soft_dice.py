@@ -94,6 +94,24 @@ def test_float32_close_to_float64():
     torch.testing.assert_close(ours[0].double(), theirs[0], rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("classes, spatial", [(5, (9, 10, 11)), (32, (13, 17, 19)), (1, (3, 3, 3))])
+def test_float32_logits_with_labels_on_both_cpu_paths(monkeypatch, simd, classes, spatial):
+    """float32 logits + labels take the AVX2 kernel where the CPU has it; DEEPATLAS_FAST_SIMD=0
+    the generic path. Both against float64: tails of 8-voxel blocks, several chunks (13*17*19
+    voxels), 32 classes with uint8 labels, one saturated batch item, one class."""
+    monkeypatch.setenv("DEEPATLAS_FAST_SIMD", simd)
+    logits, target = inputs(2, classes, spatial, True, label_dtype=torch.uint8)
+    logits[0] *= 40
+    ref = soft_dice_reference(logits, target, from_logits=True)
+    torch.testing.assert_close(da.soft_dice(logits.float(), target, from_logits=True).double(), ref,
+                               rtol=1e-5, atol=1e-6)
+    g = torch.randn(2, classes, dtype=torch.float64)
+    ours = grads(lambda p, t: da.soft_dice(p, t, from_logits=True), logits.float(), target, g.float())
+    theirs = grads(lambda p, t: soft_dice_reference(p, t, from_logits=True), logits, target, g)
+    torch.testing.assert_close(ours[0].double(), theirs[0], rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("from_logits", [False, True])
 def test_gradcheck(from_logits):
     logits, target = inputs(2, 3, (3, 4, 2), False)
@@ -123,8 +141,9 @@ def test_non_contiguous_inputs():
                                soft_dice_reference(logits, target, from_logits=True))
 
 
-def test_deterministic_across_runs_and_thread_counts():
-    logits, target = inputs(2, 4, (20, 30, 40), False, dtype=torch.float32)
+@pytest.mark.parametrize("labels", [False, True])  # labels: the AVX2 kernel
+def test_deterministic_across_runs_and_thread_counts(labels):
+    logits, target = inputs(2, 4, (20, 30, 40), labels, dtype=torch.float32)
     threads = torch.get_num_threads()
     results = []
     for n in [1, 2, 1, 2]:
@@ -133,7 +152,7 @@ def test_deterministic_across_runs_and_thread_counts():
         results.append((f(logits, target), *grads(f, logits, target, torch.ones(2, 4))))
     torch.set_num_threads(threads)
     for r in results[1:]:
-        assert all(torch.equal(x, y) for x, y in zip(r, results[0]))
+        assert all(x is y is None or torch.equal(x, y) for x, y in zip(r, results[0]))
 
 
 @pytest.mark.parametrize("labels", [False, True])
@@ -157,6 +176,8 @@ def test_labels_outside_the_classes_raise():
         y[0, 0, 1, 2, 3] = bad
         with pytest.raises(ValueError, match=r"target labels must be in \[0, 3\).*found " + str(bad)):
             da.soft_dice(logits, y)
+        with pytest.raises(ValueError, match=r"target labels must be in \[0, 3\).*found " + str(bad)):
+            da.soft_dice(logits, y, from_logits=True)  # the AVX2 kernel's path
         with pytest.raises(ValueError, match=r"target labels must be in \[0, 3\)"):
             emulated.soft_dice_sums(logits, y, True, 32, 2)
 

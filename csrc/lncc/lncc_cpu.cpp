@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/cpu_memory.h"
 #include "lncc/lncc_checks.h"
 #include "lncc/lncc_math.h"
 
@@ -219,6 +220,8 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cpu(const at::Tensor& grad_out,
   const bool need_a = output_mask[0], need_b = output_mask[1];
   at::Tensor grad_a = at::empty(need_a ? a_in.sizes() : at::IntArrayRef{0}, a_in.options());
   at::Tensor grad_b = at::empty(need_b ? b_in.sizes() : at::IntArrayRef{0}, b_in.options());
+  advise_huge_pages(grad_a);
+  advise_huge_pages(grad_b);
   if (!need_a && !need_b) return {grad_a, grad_b};
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const at::Tensor go = grad_out.to(at::kDouble).contiguous();

@@ -18,7 +18,10 @@
 #include <tuple>
 #include <vector>
 
+#include "common/cpu_memory.h"
+#include "common/simd.h"
 #include "soft_dice/soft_dice_checks.h"
+#include "soft_dice/soft_dice_cpu_avx2.h"
 #include "soft_dice/soft_dice_math.h"
 
 namespace deepatlas_fast {
@@ -82,6 +85,23 @@ void chunk_labels(const label_t* y, int64_t n, int64_t classes, int32_t* out,
   }
 }
 
+// n vectors of 8 floats, 32-byte aligned (std::vector<__m256> does not promise it here).
+struct VectorScratch {
+  std::vector<float> buf;
+  explicit VectorScratch(int64_t n) : buf(8 * n + 8) {}
+  __m256* get() {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+    return reinterpret_cast<__m256*>((p + 31) & ~uintptr_t(31));
+  }
+};
+
+// The AVX2 kernels (soft_dice_cpu_avx2.h) serve float32 logits with integer labels.
+template <typename scalar_t>
+bool use_avx2(const Geometry& g) {
+  return std::is_same<scalar_t, float>::value && g.from_logits && g.labels && simd_enabled_by_env() &&
+         avx2::cpu_supported();
+}
+
 // Per-chunk sums (I, P, T per class) into partial[task]; label_t is unused for prob targets.
 // (Kernel bodies live outside the dispatch macros: OpenMP pragmas cannot be macro arguments.)
 template <typename scalar_t, typename label_t>
@@ -89,6 +109,22 @@ void sums_impl(const Geometry& g, const at::Tensor& probs, const at::Tensor& tar
                double* partial, std::atomic<int64_t>* bad_label) {
   const int64_t C = g.classes, N = g.voxels;
   const scalar_t* pz = probs.const_data_ptr<scalar_t>();
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (use_avx2<scalar_t>(g)) {
+      for_each_chunk(g, [&](int64_t task, int64_t b, int64_t v0, int64_t n) {
+        std::vector<int32_t> labels(n);
+        VectorScratch scratch(4 * C);
+        std::vector<float> sums(3 * C);
+        chunk_labels(target.const_data_ptr<label_t>() + b * N + v0, n, C, labels.data(), bad_label);
+        avx2::sums_logits_labels(pz + b * C * N + v0, N, labels.data(), n, C, scratch.get(),
+                                 scratch.get() + C, sums.data(), sums.data() + C, sums.data() + 2 * C);
+        double* out = partial + task * C * 3;
+        for (int64_t c = 0; c < C; ++c)
+          out[c * 3] = sums[c], out[c * 3 + 1] = sums[C + c], out[c * 3 + 2] = sums[2 * C + c];
+      });
+      return;
+    }
+  }
   for_each_chunk(g, [&](int64_t task, int64_t b, int64_t v0, int64_t n) {
     std::vector<scalar_t> p(g.from_logits ? C * n : 0), tmp(2 * n);
     std::vector<int32_t> labels(g.labels ? n : 0);
@@ -130,6 +166,18 @@ void backward_impl(const Geometry& g, const at::Tensor& grad_sums, const at::Ten
   const int64_t C = g.classes, N = g.voxels;
   const scalar_t* pz = probs.const_data_ptr<scalar_t>();
   const scalar_t* gsum = grad_sums.const_data_ptr<scalar_t>();
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (use_avx2<scalar_t>(g) && gp_out) {  // labels: no target gradient
+      for_each_chunk(g, [&](int64_t, int64_t b, int64_t v0, int64_t n) {
+        std::vector<int32_t> labels(n);
+        VectorScratch scratch(C);
+        chunk_labels<label_t>(target.const_data_ptr<label_t>() + b * N + v0, n, C, labels.data(), nullptr);
+        avx2::backward_logits_labels(pz + b * C * N + v0, N, labels.data(), n, C, gsum + b * C * 3,
+                                     scratch.get(), gp_out + b * C * N + v0);
+      });
+      return;
+    }
+  }
   for_each_chunk(g, [&](int64_t, int64_t b, int64_t v0, int64_t n) {
     std::vector<scalar_t> p(g.from_logits ? C * n : 0), tmp(2 * n);
     std::vector<int32_t> labels(g.labels ? n : 0);
@@ -216,6 +264,8 @@ std::tuple<at::Tensor, at::Tensor> soft_dice_sums_backward_cpu(
   const bool need_p = output_mask[0], need_t = output_mask[1] && !g.labels;
   at::Tensor grad_p = at::empty(need_p ? probs_in.sizes() : at::IntArrayRef{0}, probs_in.options());
   at::Tensor grad_t = at::empty(need_t ? target_in.sizes() : at::IntArrayRef{0}, probs_in.options());
+  advise_huge_pages(grad_p);
+  advise_huge_pages(grad_t);
   if (!need_p && !need_t) return {grad_p, grad_t};
   const at::Tensor probs = probs_in.contiguous(), target = target_in.contiguous();
   const at::Tensor gs = grad_sums.contiguous();

@@ -19,10 +19,8 @@
 #include <utility>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
+#include "common/cpu_memory.h"
+#include "common/simd.h"
 #include "warp/warp_checks.h"
 #include "warp/warp_cpu_avx2.h"
 #include "warp/warp_math.h"
@@ -72,29 +70,10 @@ struct Row {
   }
 };
 
-// Volume-sized outputs are fresh memory first touched by our loops; with 4 KiB pages the
-// page faults cost about as much as the warp itself (measured here: ~10 ms per 160x192x224
-// float32 volume). Asks for transparent huge pages on the 2 MiB-aligned interior of the
-// buffer (honoured in the kernel's default THP "madvise" mode; a no-op otherwise).
-void advise_huge_pages(const at::Tensor& t) {
-#ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 // The AVX2 rows (warp_cpu_avx2.h) serve float32, linear mode, W-contiguous image and disp,
 // on CPUs that have AVX2. DEEPATLAS_FAST_SIMD=0, read at every call, forces the scalar path
 // (the tests compare both paths).
-bool simd_wanted() {
-  const char* env = std::getenv("DEEPATLAS_FAST_SIMD");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  return avx2::cpu_supported();
-}
+bool simd_wanted() { return simd_enabled_by_env() && avx2::cpu_supported(); }
 
 // Offsets along D, H, W inside one channel of a tensor with these strides fit in int32.
 bool fits_int32(const Geometry& g, const Strides5& s) {
