@@ -115,7 +115,10 @@ void sums_impl(const Geometry& g, const at::Tensor& probs, const at::Tensor& tar
         std::vector<int32_t> labels(n);
         VectorScratch scratch(4 * C);
         std::vector<float> sums(3 * C);
-        chunk_labels(target.const_data_ptr<label_t>() + b * N + v0, n, C, labels.data(), bad_label);
+        const label_t* y = target.const_data_ptr<label_t>() + b * N + v0;
+        if (!std::is_same<label_t, int64_t>::value ||
+            !avx2::labels_to_int32(reinterpret_cast<const int64_t*>(y), n, C, labels.data()))
+          chunk_labels(y, n, C, labels.data(), bad_label);  // other dtypes; finds a bad label
         avx2::sums_logits_labels(pz + b * C * N + v0, N, labels.data(), n, C, scratch.get(),
                                  scratch.get() + C, sums.data(), sums.data() + C, sums.data() + 2 * C);
         double* out = partial + task * C * 3;
@@ -171,7 +174,10 @@ void backward_impl(const Geometry& g, const at::Tensor& grad_sums, const at::Ten
       for_each_chunk(g, [&](int64_t, int64_t b, int64_t v0, int64_t n) {
         std::vector<int32_t> labels(n);
         VectorScratch scratch(C);
-        chunk_labels<label_t>(target.const_data_ptr<label_t>() + b * N + v0, n, C, labels.data(), nullptr);
+        const label_t* y = target.const_data_ptr<label_t>() + b * N + v0;
+        if (!std::is_same<label_t, int64_t>::value ||
+            !avx2::labels_to_int32(reinterpret_cast<const int64_t*>(y), n, C, labels.data()))
+          chunk_labels<label_t>(y, n, C, labels.data(), nullptr);
         avx2::backward_logits_labels(pz + b * C * N + v0, N, labels.data(), n, C, gsum + b * C * 3,
                                      scratch.get(), gp_out + b * C * N + v0);
       });

@@ -68,6 +68,31 @@ DA_AVX2_INLINE void softmax_block(const float* z, int64_t zs, int64_t C, __m256i
   for (int64_t c = 0; c < C; ++c) p[c] = _mm256_mul_ps(p[c], r);
 }
 
+// int64 labels of a chunk to int32 (vectorised chunk_labels of soft_dice_cpu.cpp). Returns
+// false if any label is outside [0, C); the caller then finds and reports it.
+DA_AVX2 inline bool labels_to_int32(const int64_t* y, int64_t n, int64_t C, int32_t* out) {
+  const __m256i lo = _mm256_set1_epi64x(-1), hi = _mm256_set1_epi64x(C);
+  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  __m256i bad = _mm256_setzero_si256();
+  int64_t v = 0;
+  for (; v + 8 <= n; v += 8) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + v));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + v + 4));
+    const __m256i ok_a = _mm256_and_si256(_mm256_cmpgt_epi64(a, lo), _mm256_cmpgt_epi64(hi, a));
+    const __m256i ok_b = _mm256_and_si256(_mm256_cmpgt_epi64(b, lo), _mm256_cmpgt_epi64(hi, b));
+    bad = _mm256_or_si256(bad, _mm256_andnot_si256(_mm256_and_si256(ok_a, ok_b), _mm256_set1_epi64x(-1)));
+    // low 32 bits of each int64 (labels in range fit), a's in lanes 0-3, b's in lanes 4-7
+    const __m256i pa = _mm256_permutevar8x32_epi32(a, even), pb = _mm256_permutevar8x32_epi32(b, even);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + v), _mm256_blend_epi32(pa, pb, 0xF0));
+  }
+  bool ok = _mm256_testz_si256(bad, bad);
+  for (; v < n; ++v) {
+    ok = ok && y[v] >= 0 && y[v] < C;
+    out[v] = static_cast<int32_t>(y[v]);
+  }
+  return ok;
+}
+
 // Sums of one chunk of n voxels: I[c] = sum p_c [y == c], P[c] = sum p_c, T[c] = sum [y == c].
 // z: logits at (b, 0, v0), class stride zs; y: the chunk's labels as int32 (-1: none);
 // p: scratch of C vectors, acc: scratch of 3 C vectors.
