@@ -23,9 +23,9 @@ class VoxelMorphTransformer:
         return F.grid_sample(image, loc[..., [2, 1, 0]], align_corners=True, mode="bilinear")
 
 
-def _inputs(shape, grad):
+def _inputs(shape, grad, image_grad=None):
     torch.manual_seed(0)
-    image = torch.rand(1, 1, *shape).requires_grad_(grad)
+    image = torch.rand(1, 1, *shape).requires_grad_(grad if image_grad is None else image_grad)
     disp = smooth_displacement(shape).requires_grad_(grad)
     return image, disp
 
@@ -41,8 +41,8 @@ def torch_forward(shape):
     return lambda: vm(image, disp)
 
 
-def _fwd_bwd(warp, shape):
-    image, disp = _inputs(shape, True)
+def _fwd_bwd(warp, shape, image_grad=True):
+    image, disp = _inputs(shape, True, image_grad)
     grad = torch.rand(1, 1, *shape)  # a loss gradient, materialised as a real loss gives it
 
     def run():
@@ -60,13 +60,26 @@ def torch_forward_backward(shape):
     return _fwd_bwd(VoxelMorphTransformer(shape), shape)
 
 
+# Registration training needs only the displacement gradient (the moving image is data).
+def ours_forward_backward_disp(shape):
+    return _fwd_bwd(da.warp, shape, image_grad=False)
+
+
+def torch_forward_backward_disp(shape):
+    return _fwd_bwd(VoxelMorphTransformer(shape), shape, image_grad=False)
+
+
 CASES = {
     "deepatlas_fast.warp forward": ours_forward,
     "VoxelMorph grid_sample forward": torch_forward,
     "deepatlas_fast.warp forward+backward": ours_forward_backward,
     "VoxelMorph grid_sample forward+backward": torch_forward_backward,
+    "deepatlas_fast.warp forward+backward, disp grad only": ours_forward_backward_disp,
+    "VoxelMorph grid_sample forward+backward, disp grad only": torch_forward_backward_disp,
 }
 GROUPS = [
     ("warp forward", "deepatlas_fast.warp forward", ["VoxelMorph grid_sample forward"]),
     ("warp forward+backward", "deepatlas_fast.warp forward+backward", ["VoxelMorph grid_sample forward+backward"]),
+    ("warp forward+backward (disp only)", "deepatlas_fast.warp forward+backward, disp grad only",
+     ["VoxelMorph grid_sample forward+backward, disp grad only"]),
 ]
