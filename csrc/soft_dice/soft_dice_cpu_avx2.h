@@ -42,6 +42,9 @@ DA_AVX2_INLINE __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
 }
 
+// exp8 on memory (the native tests call it from code compiled without AVX2 flags).
+DA_AVX2 inline void exp8_store(const float* in, float* out) { _mm256_storeu_ps(out, exp8(_mm256_loadu_ps(in))); }
+
 // Lanes [0, valid) of a block (valid < 8 only at the end of a chunk).
 DA_AVX2_INLINE __m256i lane_mask(int64_t valid) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(valid)),

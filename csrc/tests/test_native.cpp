@@ -4,10 +4,13 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 
+#include "soft_dice/soft_dice_cpu_avx2.h"
+#include "soft_dice/soft_dice_math.h"
 #include "warp/warp_math.h"
 
 namespace {
@@ -107,6 +110,34 @@ void test_warp_op_through_dispatcher() {
   EXPECT(threw);
 }
 
+// The softmax exp of the soft Dice: scalar polynomial against the math library, and the
+// AVX2 kernel's 8-lane version against the scalar one (the same polynomial, with FMA).
+void test_softmax_exp() {
+  double worst = 0;
+  for (float x = -87.f; x <= 0.f; x += 0.01f) {
+    const double ref = std::exp(static_cast<double>(x));
+    worst = std::max(worst, std::abs(soft_dice::exp_value<float>(x) - ref) / ref);
+  }
+  EXPECT(worst < 3e-7);
+  EXPECT(soft_dice::exp_value<float>(-100.f) == 0.f && soft_dice::exp_value<float>(0.f) == 1.f);
+  EXPECT(std::isnan(soft_dice::exp_value<float>(-INFINITY)) || soft_dice::exp_value<float>(-INFINITY) == 0.f);
+#ifdef DA_DICE_AVX2
+  if (soft_dice::avx2::cpu_supported()) {
+    alignas(32) float in[8], out[8];
+    double lane_worst = 0;
+    for (float x0 = -100.f; x0 <= 0.f; x0 += 0.08f) {
+      for (int l = 0; l < 8; ++l) in[l] = x0 + 0.01f * l;
+      soft_dice::avx2::exp8_store(in, out);
+      for (int l = 0; l < 8; ++l) {
+        const double s = soft_dice::exp_value<float>(in[l]);
+        lane_worst = std::max(lane_worst, s == 0 ? std::abs(out[l]) : std::abs(out[l] - s) / s);
+      }
+    }
+    EXPECT(lane_worst < 1e-6);
+  }
+#endif
+}
+
 }  // namespace
 
 int main() {
@@ -114,6 +145,7 @@ int main() {
   test_linear_axis();
   test_interpolation_is_exact_for_affine_functions();
   test_warp_op_through_dispatcher();
+  test_softmax_exp();
   std::printf("native tests: %d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;
 }
