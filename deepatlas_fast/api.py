@@ -22,7 +22,7 @@ import torch
 from .io import load_header, load_nifti, save_nifti
 from .nets import build_nets
 from .ops import warp
-from .preprocess import Preprocessing
+from .preprocess import Preprocessing, resample
 
 
 class Run:
@@ -51,10 +51,19 @@ class Run:
                   f"trained at {tuple(ref)} mm; resample it for reliable results", file=sys.stderr)
 
     @torch.no_grad()
-    def segment(self, image: np.ndarray) -> np.ndarray:
-        """3D image on any grid -> label map (original label values) on the same grid."""
+    def segment(self, image: np.ndarray, spacing=None) -> np.ndarray:
+        """3D image -> label map (original label values) on the same grid.
+
+        ``spacing``: the image's voxel size (mm). If it differs from the training voxel size
+        (by more than 5 %), the image is resampled to the training voxel size (trilinear, same
+        field of view), segmented there, and the class probabilities resampled back before the
+        argmax. Without it the image is assumed to have the training voxel size."""
+        shape = tuple(image.shape)
+        work = self.prep.training_grid(shape, spacing)
+        if work != shape:
+            image = resample(torch.from_numpy(np.asarray(image, np.float32))[None, None], work)[0, 0].numpy()
         x = self.prep.image(image).to(self.device)
-        return self.prep.logits_to_labels(self.seg_net(x).cpu(), image.shape)
+        return self.prep.logits_to_labels(self.seg_net(x).cpu(), work, out_shape=shape)
 
     @torch.no_grad()
     def register(self, moving: np.ndarray, target: np.ndarray, moving_labels: np.ndarray | None = None) -> dict:
@@ -77,9 +86,15 @@ class Run:
 
     # -- files
     def segment_file(self, image_path, out_path) -> Path:
+        """Labels on the image's own grid, written with its affine; an image of another voxel
+        size than the training images is resampled for the net (see ``segment``)."""
         img, affine = load_nifti(image_path)
-        self._check_spacing(load_header(image_path)[2], image_path)
-        return save_nifti(out_path, self.segment(img), affine)
+        spacing = load_header(image_path)[2]
+        work = self.prep.training_grid(img.shape, spacing)
+        if work != tuple(img.shape):
+            print(f"{image_path}: voxel size {tuple(round(float(s), 3) for s in spacing)} mm, the run was trained "
+                  f"at {tuple(self.prep.spacing)} mm: segmenting it resampled to {work} voxels", file=sys.stderr)
+        return save_nifti(out_path, self.segment(img, spacing), affine)
 
     def register_file(self, moving_path, target_path, out_path, *, labels=None, labels_out=None, disp_out=None) -> dict:
         mov, maff = load_nifti(moving_path)

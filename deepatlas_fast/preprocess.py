@@ -59,6 +59,15 @@ class Preprocessing:
         return cls(**d)
 
     # ---- original grid -> network grid ------------------------------------------------------
+    def training_grid(self, shape, spacing, *, tolerance: float = 0.05) -> tuple:
+        """Shape of an image of ``shape`` and voxel size ``spacing`` (mm) resampled to the
+        training voxel size, over the same field of view; ``shape`` itself when the voxel sizes
+        agree within ``tolerance`` (relative) or either is unknown."""
+        ref = self.spacing
+        if ref is None or spacing is None or np.allclose(spacing, ref, rtol=tolerance):
+            return tuple(shape)
+        return tuple(max(1, int(round(n * s / r))) for n, s, r in zip(shape, spacing, ref))
+
     def net_shape(self, shape) -> tuple:
         """Shape of the network input for an original grid ``shape``."""
         return tuple(_ceil_div(_ceil_div(s, self.downsample), self.multiple) * self.multiple for s in shape)
@@ -94,15 +103,20 @@ class Preprocessing:
         """Displacement on the net grid (net voxels) -> original grid, in original voxels."""
         return self.upsample(disp, shape) * self.downsample
 
-    def logits_to_labels(self, logits: torch.Tensor, shape) -> np.ndarray:
-        """Class logits [1, C, ...] on the net grid -> original label values on the original grid.
+    def logits_to_labels(self, logits: torch.Tensor, shape, out_shape=None) -> np.ndarray:
+        """Class logits [1, C, ...] on the net grid -> original label values on the original grid
+        ``shape`` (or, if given, on ``out_shape``: the grid ``shape`` was resampled from, the same
+        field of view; class probabilities are resampled trilinearly before the argmax).
 
         Upsamples one class at a time with a running argmax, so a 1 mm brain with 46 classes needs
         no [C, D, H, W] float array."""
         probs = logits.softmax(1)
         best = best_cls = None
         for c in range(probs.shape[1]):
-            p = self.upsample(probs[:, c:c + 1], shape)[0, 0]
+            p = self.upsample(probs[:, c:c + 1], shape)
+            if out_shape is not None and tuple(out_shape) != tuple(shape):
+                p = resample(p, out_shape)
+            p = p[0, 0]
             if best is None:
                 best, best_cls = p, torch.zeros(p.shape, dtype=torch.int64)
             else:
@@ -110,6 +124,12 @@ class Preprocessing:
                 best = torch.where(better, p, best)
                 best_cls[better] = c
         return self.labels.to_values(best_cls.cpu().numpy())
+
+
+def resample(x: torch.Tensor, shape) -> torch.Tensor:
+    """[B, C, ...] on one grid -> the same field of view on a grid of ``shape`` (trilinear,
+    voxel centres as in image resampling: align_corners=False)."""
+    return F.interpolate(x, size=tuple(shape), mode="trilinear", align_corners=False)
 
 
 def _ceil_div(a: int, b: int) -> int:

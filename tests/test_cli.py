@@ -87,3 +87,30 @@ def test_register_refuses_mismatched_grids(tmp_path_factory, tmp_path):
     rc = main(["register", "--run", str(run), str(data / "img0.nii.gz"), str(tmp_path / "small.nii.gz"),
                "-o", str(tmp_path / "w.nii.gz")])
     assert rc == 2
+
+
+def test_segment_resamples_an_image_of_another_voxel_size(tmp_path_factory, tmp_path, capsys):
+    """An image at twice the training voxel size is segmented on the training grid (the net sees
+    the resampled image) and labelled on its own grid, with its own affine."""
+    from deepatlas_fast.api import load_run
+    dl, run_dir = tiny_run(tmp_path_factory.getbasetemp())
+    run = load_run(run_dir)
+    img, aff = load_nifti(Path(dl).parent / "img0.nii.gz")
+    small, small_aff = img[::2, ::2, ::2], aff.copy()
+    small_aff[:3, :3] *= 2
+    save_nifti(tmp_path / "small.nii.gz", small, small_aff)
+    seen, forward = [], run.seg_net.forward
+    run.seg_net.forward = lambda x: (seen.append(tuple(x.shape[2:])), forward(x))[1]
+
+    run.segment_file(tmp_path / "small.nii.gz", tmp_path / "s.nii.gz")
+    seg, saff = load_nifti(tmp_path / "s.nii.gz", label=True)
+    assert seg.shape == small.shape and np.allclose(saff, small_aff)
+    assert set(np.unique(seg)) <= set(LABEL_VALUES)
+    work = run.prep.training_grid(small.shape, 2 * np.asarray(run.prep.spacing))
+    assert all(abs(a - b) <= 1 for a, b in zip(work, img.shape))
+    assert seen == [run.prep.net_shape(work)]
+    assert "resampled" in capsys.readouterr().err
+    # at the training voxel size nothing is resampled: the same labels as without a spacing
+    seen.clear()
+    assert np.array_equal(run.segment(img, spacing=run.prep.spacing), run.segment(img))
+    assert seen == [run.prep.net_shape(img.shape)] * 2
