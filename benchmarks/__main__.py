@@ -45,6 +45,11 @@ def main(argv=None) -> int:
                                  progress=lambda s: print(s, file=sys.stderr))
         print(f"\n### {w} ({'x'.join(map(str, args.shape))}, float32, batch 1)\n")
         print(common.format_table(rows, m.GROUPS))
+        if hasattr(m, "cuda_bandwidth"):
+            bw = m.cuda_bandwidth(args.shape)
+            print("\n" + m.format_bandwidth(bw))
+            if bw is not None:
+                rows.append({"module": module, "case": "cuda bandwidth", **bw})
         all_rows += rows
     if args.json:
         common.dump_json(all_rows, args.json)

@@ -83,3 +83,48 @@ GROUPS = [
     ("warp forward+backward (disp only)", "deepatlas_fast.warp forward+backward, disp grad only",
      ["VoxelMorph grid_sample forward+backward, disp grad only"]),
 ]
+
+
+# ---- CUDA: achieved bandwidth (runs only where a GPU exists; never ran on this project's machines)
+
+def warp_bytes(shape, channels: int = 1, itemsize: int = 4) -> int:
+    """Least memory traffic of one forward warp: read the displacement (3 volumes) and the
+    image, write the output (each image voxel read once: the best case of the gather)."""
+    voxels = shape[0] * shape[1] * shape[2]
+    return (3 + 2 * channels) * voxels * itemsize
+
+
+def _cuda_seconds(fn, repeat: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeat
+
+
+def cuda_bandwidth(shape, repeat: int = 20):
+    """GB/s of the CUDA warp forward next to a device-to-device copy moving the same bytes
+    (half read, half written), or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    image, disp = (t.cuda() for t in _inputs(shape, False))
+    nbytes = warp_bytes(shape)
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    warp_s = _cuda_seconds(lambda: da.warp(image, disp), repeat)
+    copy_s = _cuda_seconds(lambda: dst.copy_(src), repeat)
+    return {"device": torch.cuda.get_device_name(), "bytes": nbytes,
+            "warp_gbps": nbytes / warp_s / 1e9, "copy_gbps": nbytes / copy_s / 1e9}
+
+
+def format_bandwidth(result) -> str:
+    if result is None:
+        return "CUDA: no device here; achieved GB/s not measured."
+    return (f"CUDA ({result['device']}): warp forward {result['warp_gbps']:.0f} GB/s, device-to-device copy "
+            f"{result['copy_gbps']:.0f} GB/s ({result['warp_gbps'] / result['copy_gbps']:.0%} of copy), "
+            f"{result['bytes'] / 2**20:.0f} MiB moved per call")
+
