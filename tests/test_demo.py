@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from deepatlas_fast.cli import main as cli_main
-from deepatlas_fast.demo import ROWS
+from deepatlas_fast.config import load_config
+from deepatlas_fast.demo import FULL, LONG, PRESETS, ROWS
 from deepatlas_fast.demo_data import ROOT, datalist_path
 
 
@@ -44,6 +45,7 @@ def test_demo_quick(tmp_path, capsys):
     assert cli_main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
+    assert res["preset"] == "quick" and res["quick"] is True
     rows = {r["method"]: r for r in res["rows"]}
     assert list(rows) == [name for name, _, _ in ROWS]
     for name, r in rows.items():
@@ -63,3 +65,23 @@ def test_demo_quick(tmp_path, capsys):
     with pytest.raises(FileExistsError):
         from deepatlas_fast.demo import run_demo
         run_demo(out, quick=True, progress=False)
+
+
+def test_demo_presets_are_valid_configs():
+    for name, preset in PRESETS.items():
+        steps = [f"train.steps.{k}={v}" for k, v in preset["steps"].items()]
+        for stage_ov in [[]] + list(preset["stage_overrides"].values()):
+            cfg = load_config(None, preset["overrides"] + steps + stage_ov)
+            assert cfg["model"]["seg_norm"] == "instance", name  # see the comment above FULL in demo.py
+    # --long is the full demo's settings with more steps
+    assert LONG["overrides"] == FULL["overrides"] and LONG["stage_overrides"] == FULL["stage_overrides"]
+    assert all(LONG["steps"][k] >= 2 * FULL["steps"][k] for k in FULL["steps"])
+
+
+def test_demo_quick_and_long_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "--quick", "--long"])
+    assert "not allowed with" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="exclusive"):
+        from deepatlas_fast.demo import run_demo
+        run_demo("unused", quick=True, long=True, progress=False)
