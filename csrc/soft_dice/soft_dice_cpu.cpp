@@ -75,10 +75,18 @@ const scalar_t* chunk_probs(const Geometry& g, const scalar_t* z, int64_t n, sca
   return p;
 }
 
-// Labels of a chunk as int32 (vectorisable compares); out-of-range ones reported.
+// Whether the AVX2 code may run (DEEPATLAS_FAST_SIMD=0 forbids it); read once per call.
+bool simd_wanted() { return simd_enabled_by_env() && avx2::cpu_supported(); }
+
+// Labels of a chunk as int32 (vectorisable compares); out-of-range ones reported. int64 labels
+// (the default dtype) take the AVX2 converter when simd; it only tells whether all labels are in
+// range, so a chunk with a bad one goes through the scalar loop, which finds it.
 template <typename label_t>
 void chunk_labels(const label_t* y, int64_t n, int64_t classes, int32_t* out,
-                  std::atomic<int64_t>* bad_label) {
+                  std::atomic<int64_t>* bad_label, bool simd) {
+  if constexpr (std::is_same<label_t, int64_t>::value) {
+    if (simd && avx2::labels_to_int32(y, n, classes, out)) return;
+  }
   for (int64_t v = 0; v < n; ++v) {
     if (bad_label && !label_ok(y[v], classes)) *bad_label = static_cast<int64_t>(y[v]);
     out[v] = static_cast<int32_t>(label_ok(y[v], classes) ? y[v] : -1);
@@ -97,9 +105,8 @@ struct VectorScratch {
 
 // The AVX2 kernels (soft_dice_cpu_avx2.h) serve float32 logits with integer labels.
 template <typename scalar_t>
-bool use_avx2(const Geometry& g) {
-  return std::is_same<scalar_t, float>::value && g.from_logits && g.labels && simd_enabled_by_env() &&
-         avx2::cpu_supported();
+bool use_avx2(const Geometry& g, bool simd) {
+  return std::is_same<scalar_t, float>::value && g.from_logits && g.labels && simd;
 }
 
 // Per-chunk sums (I, P, T per class) into partial[task]; label_t is unused for prob targets.
@@ -108,17 +115,15 @@ template <typename scalar_t, typename label_t>
 void sums_impl(const Geometry& g, const at::Tensor& probs, const at::Tensor& target,
                double* partial, std::atomic<int64_t>* bad_label) {
   const int64_t C = g.classes, N = g.voxels;
+  const bool simd = simd_wanted();
   const scalar_t* pz = probs.const_data_ptr<scalar_t>();
   if constexpr (std::is_same<scalar_t, float>::value) {
-    if (use_avx2<scalar_t>(g)) {
+    if (use_avx2<scalar_t>(g, simd)) {
       for_each_chunk(g, [&](int64_t task, int64_t b, int64_t v0, int64_t n) {
         std::vector<int32_t> labels(n);
         VectorScratch scratch(4 * C);
         std::vector<float> sums(3 * C);
-        const label_t* y = target.const_data_ptr<label_t>() + b * N + v0;
-        if (!std::is_same<label_t, int64_t>::value ||
-            !avx2::labels_to_int32(reinterpret_cast<const int64_t*>(y), n, C, labels.data()))
-          chunk_labels(y, n, C, labels.data(), bad_label);  // other dtypes; finds a bad label
+        chunk_labels(target.const_data_ptr<label_t>() + b * N + v0, n, C, labels.data(), bad_label, simd);
         avx2::sums_logits_labels(pz + b * C * N + v0, N, labels.data(), n, C, scratch.get(),
                                  scratch.get() + C, sums.data(), sums.data() + C, sums.data() + 2 * C);
         double* out = partial + task * C * 3;
@@ -135,7 +140,7 @@ void sums_impl(const Geometry& g, const at::Tensor& probs, const at::Tensor& tar
     const scalar_t* p0 = chunk_probs(g, pz + b * C * N + v0, n, p.data(), tmp.data(), &ps);
     double* out = partial + task * C * 3;
     const int32_t* y = g.labels ? labels.data() : nullptr;
-    if (y) chunk_labels(target.const_data_ptr<label_t>() + b * N + v0, n, C, labels.data(), bad_label);
+    if (y) chunk_labels(target.const_data_ptr<label_t>() + b * N + v0, n, C, labels.data(), bad_label, simd);
     const scalar_t* t0 = g.labels ? nullptr : target.const_data_ptr<scalar_t>() + b * C * N + v0;
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* pc = p0 + c * ps;
@@ -167,17 +172,15 @@ template <typename scalar_t, typename label_t>
 void backward_impl(const Geometry& g, const at::Tensor& grad_sums, const at::Tensor& probs,
                    const at::Tensor& target, scalar_t* gp_out, scalar_t* gt_out) {
   const int64_t C = g.classes, N = g.voxels;
+  const bool simd = simd_wanted();
   const scalar_t* pz = probs.const_data_ptr<scalar_t>();
   const scalar_t* gsum = grad_sums.const_data_ptr<scalar_t>();
   if constexpr (std::is_same<scalar_t, float>::value) {
-    if (use_avx2<scalar_t>(g) && gp_out) {  // labels: no target gradient
+    if (use_avx2<scalar_t>(g, simd) && gp_out) {  // labels: no target gradient
       for_each_chunk(g, [&](int64_t, int64_t b, int64_t v0, int64_t n) {
         std::vector<int32_t> labels(n);
         VectorScratch scratch(C);
-        const label_t* y = target.const_data_ptr<label_t>() + b * N + v0;
-        if (!std::is_same<label_t, int64_t>::value ||
-            !avx2::labels_to_int32(reinterpret_cast<const int64_t*>(y), n, C, labels.data()))
-          chunk_labels<label_t>(y, n, C, labels.data(), nullptr);
+        chunk_labels(target.const_data_ptr<label_t>() + b * N + v0, n, C, labels.data(), nullptr, simd);
         avx2::backward_logits_labels(pz + b * C * N + v0, N, labels.data(), n, C, gsum + b * C * 3,
                                      scratch.get(), gp_out + b * C * N + v0);
       });
@@ -191,7 +194,7 @@ void backward_impl(const Geometry& g, const at::Tensor& grad_sums, const at::Ten
     const scalar_t* p0 = chunk_probs(g, pz + b * C * N + v0, n, p.data(), tmp.data(), &ps);
     const scalar_t* gb = gsum + b * C * 3;
     const int32_t* y = g.labels ? labels.data() : nullptr;
-    if (y) chunk_labels<label_t>(target.const_data_ptr<label_t>() + b * N + v0, n, C, labels.data(), nullptr);
+    if (y) chunk_labels(target.const_data_ptr<label_t>() + b * N + v0, n, C, labels.data(), nullptr, simd);
     const scalar_t* t0 = g.labels ? nullptr : target.const_data_ptr<scalar_t>() + b * C * N + v0;
     if (gp_out) {
       // dL/dp_c = gI_c t_c + gP_c (recomputed where needed rather than stored);

@@ -162,6 +162,7 @@ DA_AVX2 inline void backward_logits_labels(const float* z, int64_t zs, const int
 #else  // no AVX2 code on this compiler/ISA: callers take the generic path
 
 inline bool cpu_supported() { return false; }
+inline bool labels_to_int32(const int64_t*, int64_t, int64_t, int32_t*) { return false; }
 
 #endif
 

@@ -143,7 +143,7 @@ constexpr int64_t kPrefetchAhead = 32;  // voxels
 
 DA_AVX2_INLINE void prefetch_cell(const RowArgs& r, const float* p, int32_t sd, int32_t sh, int64_t w) {
   const float z = r.d + r.uz[w], y = r.h + r.uy[w], x = static_cast<float>(w) + r.ux[w];
-  if (!(z > 0.f && z < r.lim.d && y > 0.f && y < r.lim.h && x > 0.f && x < r.lim.w)) return;
+  if (!strictly_interior(r.lim, z, y, x)) return;
   const float* q = p + static_cast<int32_t>(z) * sd + static_cast<int32_t>(y) * sh + static_cast<int32_t>(x);
   _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T0);
   _mm_prefetch(reinterpret_cast<const char*>(q + sh), _MM_HINT_T0);
