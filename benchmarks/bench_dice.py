@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import deepatlas_fast as da
+from benchmarks.common import forward_backward
 
 CLASSES = 5
 
@@ -31,13 +32,7 @@ def _forward(loss, shape):
 
 
 def _fwd_bwd(loss, shape):
-    logits, labels = _inputs(shape, True)
-
-    def run():
-        loss(logits, labels).backward()
-        logits.grad = None  # freed after the call: the peak counts it, the baseline not
-
-    return run
+    return forward_backward(loss, *_inputs(shape, True))
 
 
 CASES = {

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import deepatlas_fast as da
+from benchmarks.common import forward_backward
 
 WINDOW = 9
 
@@ -62,13 +63,7 @@ def _forward(loss, shape):
 
 
 def _fwd_bwd(loss, shape):
-    a, b = _images(shape, True)
-
-    def run():
-        loss(a, b).backward()
-        a.grad = b.grad = None  # freed after the call: the peak counts them, the baseline not
-
-    return run
+    return forward_backward(loss, *_images(shape, True))
 
 
 CASES = {

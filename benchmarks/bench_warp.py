@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import deepatlas_fast as da
-from benchmarks.common import smooth_displacement
+from benchmarks.common import forward_backward, smooth_displacement
 
 
 class VoxelMorphTransformer:
@@ -44,12 +44,7 @@ def torch_forward(shape):
 def _fwd_bwd(warp, shape, image_grad=True):
     image, disp = _inputs(shape, True, image_grad)
     grad = torch.rand(1, 1, *shape)  # a loss gradient, materialised as a real loss gives it
-
-    def run():
-        warp(image, disp).backward(grad)
-        image.grad = disp.grad = None  # freed after the call: the peak counts them, the baseline not
-
-    return run
+    return forward_backward(warp, image, disp, grad=grad)
 
 
 def ours_forward_backward(shape):

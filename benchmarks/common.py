@@ -29,6 +29,17 @@ def smooth_displacement(shape, magnitude=3.0, seed=0, batch=1) -> torch.Tensor:
     return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True).contiguous()
 
 
+def forward_backward(fn, *inputs, grad=None):
+    """A measured call: fn(*inputs).backward(grad), then the inputs' gradients are dropped (so
+    the peak-memory measurement counts them, and each call starts without them)."""
+    def run():
+        fn(*inputs).backward(grad)
+        for t in inputs:
+            t.grad = None
+
+    return run
+
+
 def median_time(fn, repeat=5, warmup=1) -> float:
     for _ in range(warmup):
         fn()
