@@ -45,6 +45,10 @@ def main(argv=None) -> int:
                                  progress=lambda s: print(s, file=sys.stderr))
         print(f"\n### {w} ({'x'.join(map(str, args.shape))}, float32, batch 1)\n")
         print(common.format_table(rows, m.GROUPS))
+        if hasattr(m, "LEAST_BYTES"):
+            roof = common.roofline(rows, m.LEAST_BYTES, m.GROUPS, args.shape, args.repeat)
+            print("\nMemory roofline (same run):\n\n" + common.format_roofline(roof))
+            rows += [{"module": module, "roofline": True, **e} for e in roof]
         if hasattr(m, "cuda_bandwidth"):
             bw = m.cuda_bandwidth(args.shape)
             print("\n" + m.format_bandwidth(bw))

@@ -2,6 +2,8 @@
 MONAI's DiceLoss(softmax=True, to_onehot_y=True), 5 classes, forward and forward+backward."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 import deepatlas_fast as da
@@ -40,6 +42,13 @@ CASES = {
     "MONAI DiceLoss forward": lambda s: _forward(_monai(), s),
     "deepatlas_fast.soft_dice forward+backward": lambda s: _fwd_bwd(_ours, s),
     "MONAI DiceLoss forward+backward": lambda s: _fwd_bwd(_monai(), s),
+}
+# Least memory traffic: logits (float32) and labels (int64) read once by the forward; the
+# backward needs the whole-volume sums first, so it reads them again and writes the gradient.
+_PASS = lambda s: (4 * CLASSES + 8) * math.prod(s)  # noqa: E731
+LEAST_BYTES = {
+    "deepatlas_fast.soft_dice forward": _PASS,
+    "deepatlas_fast.soft_dice forward+backward": lambda s: 2 * _PASS(s) + 4 * CLASSES * math.prod(s),
 }
 GROUPS = [
     (f"soft Dice ({CLASSES} classes) forward", "deepatlas_fast.soft_dice forward", ["MONAI DiceLoss forward"]),

@@ -2,7 +2,8 @@
 
 A benchmark module (bench_*.py) defines CASES: {name: factory(shape) -> fn}, where the factory
 builds the inputs and fn() runs one measured call, and GROUPS: a list of (title, ours, [others])
-naming the cases whose ratio is reported. Time is the median of `repeat` runs after a warm-up;
+naming the cases whose ratio is reported. Optionally LEAST_BYTES: {our case: fn(shape) -> bytes},
+the memory traffic no implementation of that call can avoid, for the roofline table. Time is the median of `repeat` runs after a warm-up;
 memory is the peak resident set added by one call, measured in a child process (so one case's
 caches and allocator state cannot leak into another's).
 """
@@ -130,3 +131,44 @@ def dump_json(rows, path):
             "cuda": torch.cuda.is_available()}
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+# ---- Memory roofline: how close our cases run to this machine's memory bandwidth, and what
+# speed-up over the baseline that bandwidth allows at best (a goal above it cannot be met).
+
+def copy_seconds(nbytes: int, repeat: int) -> float:
+    """Median time of a CPU copy moving nbytes (half read, half written), warm buffers."""
+    src = torch.ones(nbytes // 2, dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+    return median_time(lambda: dst.copy_(src), repeat=repeat)
+
+
+def roofline(rows: list[dict], least_bytes: dict, groups, shape, repeat: int) -> list[dict]:
+    """One row per case in least_bytes: its least traffic, achieved GB/s, a copy of the same
+    bytes measured now, and the largest speed-up over each baseline of its group that a
+    call running at copy speed would reach."""
+    by_case = {r["case"]: r for r in rows}
+    out = []
+    for title, ours, others in groups:
+        if ours not in least_bytes:
+            continue
+        nbytes = int(least_bytes[ours](tuple(shape)))
+        copy_s = copy_seconds(nbytes, repeat)
+        ours_s = by_case[ours]["seconds"]
+        out.append({"group": title, "case": ours, "least_bytes": nbytes,
+                    "gbps": nbytes / ours_s / 1e9, "copy_gbps": nbytes / copy_s / 1e9,
+                    "copy_seconds": copy_s,
+                    "max_speedup_of": {o: by_case[o]["seconds"] / copy_s for o in others}})
+    return out
+
+
+def format_roofline(entries: list[dict]) -> str:
+    lines = ["| benchmark | least traffic | ours | a copy of as many bytes | "
+             "ours, share of copy speed | best speed-up at copy speed |",
+             "|---|---:|---:|---:|---:|---|"]
+    for e in entries:
+        best = ", ".join(f"{x:.0f}x over {o}" for o, x in e["max_speedup_of"].items())
+        lines.append(f"| {e['group']} | {e['least_bytes'] / MIB:.0f} MiB | {e['gbps']:.1f} GB/s | "
+                     f"{e['copy_gbps']:.1f} GB/s ({e['copy_seconds'] * 1e3:.1f} ms) | "
+                     f"{e['gbps'] / e['copy_gbps']:.0%} | {best} |")
+    return "\n".join(lines)

@@ -23,3 +23,39 @@ def test_bandwidth_report_without_and_with_a_device():
     assert "not measured" in bench_warp.format_bandwidth(None)
     line = bench_warp.format_bandwidth({"device": "X", "bytes": 2**30, "warp_gbps": 500.0, "copy_gbps": 1000.0})
     assert "500 GB/s" in line and "1000 GB/s" in line and "50% of copy" in line and "1024 MiB" in line
+
+
+common = pytest.importorskip("benchmarks.common")
+
+
+@pytest.mark.parametrize("name", ["bench_warp", "bench_lncc", "bench_dice"])
+def test_least_bytes_name_our_cases_and_count_whole_volumes(name):
+    m = pytest.importorskip(f"benchmarks.{name}")
+    ours = {g[1] for g in m.GROUPS}
+    assert set(m.LEAST_BYTES) == ours
+    for case, f in m.LEAST_BYTES.items():
+        assert f((4, 5, 6)) % (4 * 5 * 6) == 0 and f((4, 5, 6)) > 0
+        assert f((8, 5, 6)) == 2 * f((4, 5, 6))  # proportional to the voxel count
+
+
+def test_warp_least_bytes_in_volumes():
+    vol = 4 * 24
+    b = bench_warp.LEAST_BYTES
+    assert b["deepatlas_fast.warp forward"]((2, 3, 4)) == 5 * vol
+    assert b["deepatlas_fast.warp forward+backward"]((2, 3, 4)) == 14 * vol
+    assert b["deepatlas_fast.warp forward+backward, disp grad only"]((2, 3, 4)) == 13 * vol
+
+
+def test_roofline_rates_and_best_speedup(monkeypatch):
+    monkeypatch.setattr(common, "copy_seconds", lambda nbytes, repeat: nbytes / 20e9)  # a 20 GB/s copy
+    rows = [{"case": "ours", "seconds": 0.1}, {"case": "theirs", "seconds": 2.0}]
+    groups = [("g", "ours", ["theirs"]), ("h", "other", [])]
+    (e,) = common.roofline(rows, {"ours": lambda s: 1e9}, groups, (1, 1, 1), repeat=1)
+    assert e["gbps"] == pytest.approx(10.0) and e["copy_gbps"] == pytest.approx(20.0)
+    assert e["max_speedup_of"]["theirs"] == pytest.approx(40.0)  # 2 s over 0.05 s
+    table = common.format_roofline([e])
+    assert "10.0 GB/s" in table and "50%" in table and "40x over theirs" in table
+
+
+def test_copy_seconds_measures_a_real_copy():
+    assert common.copy_seconds(1 << 20, repeat=3) > 0
