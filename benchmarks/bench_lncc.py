@@ -73,12 +73,6 @@ CASES = {
     "MONAI LNCC forward+backward": lambda s: _fwd_bwd(_monai(), s),
     "VoxelMorph NCC forward+backward": lambda s: _fwd_bwd(VoxelMorphNCC(), s),
 }
-# Least memory traffic, in float32 volumes: the forward reads both images; the backward reads
-# them again and writes both gradients.
-LEAST_BYTES = {
-    "deepatlas_fast.lncc forward": lambda s: 2 * 4 * math.prod(s),
-    "deepatlas_fast.lncc forward+backward": lambda s: 6 * 4 * math.prod(s),
-}
 GROUPS = [
     ("LNCC(9) forward", "deepatlas_fast.lncc forward", ["MONAI LNCC forward"]),
     ("LNCC(9) forward+backward", "deepatlas_fast.lncc forward+backward",

@@ -2,9 +2,10 @@
 
 A benchmark module (bench_*.py) defines CASES: {name: factory(shape) -> fn}, where the factory
 builds the inputs and fn() runs one measured call, and GROUPS: a list of (title, ours, [others])
-naming the cases whose ratio is reported. Optionally LEAST_BYTES: {our case: fn(shape) -> bytes},
-the memory traffic no implementation of that call can avoid, for the roofline table. Time is the median of `repeat` runs after a warm-up;
-memory is the peak resident set added by one call, measured in a child process (so one case's
+naming the cases whose ratio is reported, and optionally LEAST_BYTES: {our case: fn(shape) ->
+bytes}, the memory traffic no implementation of that call can avoid (for the roofline table).
+Time is the median of `repeat` runs after a warm-up, the cases of a group timed in interleaved
+rounds; memory is the peak resident set added by one call, measured in a child process (so one case's
 caches and allocator state cannot leak into another's).
 """
 from __future__ import annotations
@@ -86,19 +87,44 @@ def measure_peak(module: str, case: str, shape) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def interleaved_times(fns: dict, repeat: int, warmup: int = 1) -> dict:
+    """Median seconds of each fn, measured in rounds that call every fn once: the cases of a
+    comparison see the same machine state (this VM's speed and its allocator's state drift
+    within a run, and a case timed alone minutes apart from another would carry that drift
+    into the ratio)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def run_module(module: str, shape, repeat: int, memory: bool, progress=print) -> list[dict]:
-    """Times (and optionally measures) every case of a module; returns rows with ratios."""
+    """Times (and optionally measures) every case of a module; returns rows with ratios. The
+    cases of one group (ours and its baselines) are timed interleaved."""
     m = importlib.import_module(f"benchmarks.{module}")
     volume = 4 * shape[0] * shape[1] * shape[2]  # one float32 volume, in bytes
+    batches = [[ours, *others] for _, ours, others in m.GROUPS]
+    grouped = {c for b in batches for c in b}
+    batches += [[c] for c in m.CASES if c not in grouped]
+    seconds = {}
+    for batch in batches:
+        batch = [c for c in batch if c not in seconds]
+        progress(f"  {module}: {', '.join(batch)} ...")
+        fns = {name: m.CASES[name](tuple(shape)) for name in batch}
+        seconds.update(interleaved_times(fns, repeat))
+        del fns
     rows = {}
-    for name, factory in m.CASES.items():
-        progress(f"  {module}: {name} ...")
-        fn = factory(tuple(shape))
-        seconds = median_time(fn, repeat=repeat)
-        del fn
-        row = {"module": module, "case": name, "shape": list(shape), "seconds": seconds,
+    for name in m.CASES:
+        row = {"module": module, "case": name, "shape": list(shape), "seconds": seconds[name],
                "threads": torch.get_num_threads()}
         if memory:
+            progress(f"  {module}: peak memory of {name} ...")
             peak = measure_peak(module, name, shape)
             row["peak_extra_mib"] = peak / MIB
             row["peak_extra_volumes"] = peak / volume

@@ -28,7 +28,7 @@ def test_bandwidth_report_without_and_with_a_device():
 common = pytest.importorskip("benchmarks.common")
 
 
-@pytest.mark.parametrize("name", ["bench_warp", "bench_lncc", "bench_dice"])
+@pytest.mark.parametrize("name", ["bench_warp", "bench_dice"])
 def test_least_bytes_name_our_cases_and_count_whole_volumes(name):
     m = pytest.importorskip(f"benchmarks.{name}")
     ours = {g[1] for g in m.GROUPS}
@@ -59,3 +59,23 @@ def test_roofline_rates_and_best_speedup(monkeypatch):
 
 def test_copy_seconds_measures_a_real_copy():
     assert common.copy_seconds(1 << 20, repeat=3) > 0
+
+
+def test_interleaved_times_calls_cases_in_rounds():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    t = common.interleaved_times(fns, repeat=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then one call of each per round
+    assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
+
+
+def test_run_module_times_each_case_once_and_reports_ratios(monkeypatch):
+    import types
+    calls = []
+    mod = types.SimpleNamespace(
+        CASES={n: (lambda shape, n=n: (lambda: calls.append(n))) for n in ["ours", "base", "lone"]},
+        GROUPS=[("g", "ours", ["base"])])
+    monkeypatch.setattr(common.importlib, "import_module", lambda name: mod)
+    rows = {r["case"]: r for r in common.run_module("fake", (2, 2, 2), repeat=2, memory=False, progress=lambda s: None)}
+    assert calls == ["ours", "base", "ours", "base", "ours", "base", "lone", "lone", "lone"]
+    assert set(rows) == {"ours", "base", "lone"} and "ours" in rows["base"]["speedup_of"]
