@@ -22,6 +22,7 @@ import torch
 
 DEFAULT_SHAPE = (160, 192, 224)  # the OASIS grid at 1 mm
 MIB = 1 << 20
+MMAP_THRESHOLD = 1 << 17  # glibc's default, made fixed in the memory child processes
 
 
 def smooth_displacement(shape, magnitude=3.0, seed=0, batch=1) -> torch.Tensor:
@@ -81,7 +82,12 @@ def measure_peak(module: str, case: str, shape) -> int:
         "print(common.measure_peak_here(fn))"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    # A fixed mmap threshold (which also turns off glibc's dynamic one): every large buffer is
+    # mapped on allocation and unmapped on free, so the resident set follows the live tensors.
+    # With the dynamic threshold, a buffer freed by the warm-up call may stay resident and be
+    # reused, and the measured call then seems to allocate nothing.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory run of {module}:{case} failed:\n{out.stderr[-2000:]}")
     return int(out.stdout.strip().splitlines()[-1])

@@ -79,3 +79,12 @@ def test_run_module_times_each_case_once_and_reports_ratios(monkeypatch):
     rows = {r["case"]: r for r in common.run_module("fake", (2, 2, 2), repeat=2, memory=False, progress=lambda s: None)}
     assert calls == ["ours", "base", "ours", "base", "ours", "base", "lone", "lone", "lone"]
     assert set(rows) == {"ours", "base", "lone"} and "ours" in rows["base"]["speedup_of"]
+
+
+def test_measure_peak_sees_buffers_the_warm_up_freed():
+    # The LNCC forward's per-thread slab buffers (~0.45 volumes each, see ops/lncc.py) are freed
+    # at the end of each call; with glibc's dynamic mmap threshold the measured call reused the
+    # warm-up's and the table showed 0 MiB.
+    shape = (160, 192, 224)
+    peak = common.measure_peak("bench_lncc", "deepatlas_fast.lncc forward", shape)
+    assert peak > 0.25 * 4 * 160 * 192 * 224
