@@ -9,16 +9,14 @@ does not depend on their values); the demo label table has 28 classes. The same 
 both sides: seg = logits + argmax (``export.SegGraph``), reg = displacement + the moving image
 warped by it (``export.RegGraph``), batch 1, float32, inference mode. ORT gets as many intra-op
 threads as torch. Median of ``--repeat`` rounds, the cases of one grid interleaved in each round
-(see ``interleaved_times``). Time only (no peak memory): the models are exported once, in this
+(see ``common.interleaved_times``). Time only (no peak memory): the models are exported once, in this
 process.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -91,20 +89,6 @@ GROUPS = [
 ]
 
 
-def interleaved_times(fns: dict, repeat: int) -> dict:
-    """One warm-up each, then ``repeat`` rounds timing every case once per round: on a machine
-    shared with other jobs, both sides of a ratio see the same load."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def main(args) -> list[dict]:
     """Entry point of ``python -m benchmarks`` (args: repeat); prints one table per grid."""
     import onnxruntime as ort
@@ -118,10 +102,10 @@ def main(args) -> list[dict]:
         for label, shape in SHAPES.items():
             print(f"  onnx: {label} {'x'.join(map(str, shape))} ...", file=sys.stderr)
             fns = cases(shape, reg, seg, paths, threads)
-            times = interleaved_times(fns, args.repeat)
+            times = common.interleaved_times(fns, args.repeat)
             del fns
             by_case = {name: {"module": "bench_onnx", "case": name, "shape": list(shape), "grid": label,
-                              "seconds": statistics.median(t), "threads": threads, "onnxruntime": ort.__version__}
+                              "seconds": t, "threads": threads, "onnxruntime": ort.__version__}
                        for name, t in times.items()}
             for title, ours, others in GROUPS:
                 for other in others:
