@@ -88,3 +88,24 @@ def test_measure_peak_sees_buffers_the_warm_up_freed():
     shape = (160, 192, 224)
     peak = common.measure_peak("bench_lncc", "deepatlas_fast.lncc forward", shape)
     assert peak > 0.25 * 4 * 160 * 192 * 224
+
+
+def test_warp_block_stats_on_a_constant_shift():
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "tools" / "warp_block_stats.py"
+    spec = importlib.util.spec_from_file_location("warp_block_stats", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    # +0.5 voxel everywhere on 6x6x24: locations z + 0.5 are strictly inside (0, 5) for z < 5,
+    # the same along y, and along x for w < 23: per interior row two run blocks, the third holds
+    # w = 23; 25 of the 36 rows are interior.
+    s = tool.block_stats(torch.full((1, 3, 6, 6, 24), 0.5, dtype=torch.float64))
+    assert s["blocks: one run of cells (vector loads)"] == pytest.approx(50 / 108)
+    assert s["blocks: interior, corner pairs"] == 0
+    assert s["blocks: with a non-interior voxel"] == pytest.approx(58 / 108)
+    assert s["distinct (z, y) cell rows per block (mean)"] == 1
+    assert s["voxels not strictly interior"] == pytest.approx(1 - 25 * 23 / (36 * 24))
+    # every other voxel shifted by 0.6 along x: cells repeat, no block is a run any more
+    d = torch.zeros(1, 3, 6, 6, 24, dtype=torch.float64) + 0.5
+    d[:, 2, ..., 1::2] += 0.6
+    assert tool.block_stats(d)["blocks: one run of cells (vector loads)"] == 0
