@@ -93,16 +93,6 @@ void chunk_labels(const label_t* y, int64_t n, int64_t classes, int32_t* out,
   }
 }
 
-// n vectors of 8 floats, 32-byte aligned (std::vector<__m256> does not promise it here).
-struct VectorScratch {
-  std::vector<float> buf;
-  explicit VectorScratch(int64_t n) : buf(8 * n + 8) {}
-  __m256* get() {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
-    return reinterpret_cast<__m256*>((p + 31) & ~uintptr_t(31));
-  }
-};
-
 // The AVX2 kernels (soft_dice_cpu_avx2.h) serve float32 logits with integer labels.
 template <typename scalar_t>
 bool use_avx2(const Geometry& g, bool simd) {
@@ -121,7 +111,7 @@ void sums_impl(const Geometry& g, const at::Tensor& probs, const at::Tensor& tar
     if (use_avx2<scalar_t>(g, simd)) {
       for_each_chunk(g, [&](int64_t task, int64_t b, int64_t v0, int64_t n) {
         std::vector<int32_t> labels(n);
-        VectorScratch scratch(4 * C);
+        avx2::VectorScratch scratch(4 * C);
         std::vector<float> sums(3 * C);
         chunk_labels(target.const_data_ptr<label_t>() + b * N + v0, n, C, labels.data(), bad_label, simd);
         avx2::sums_logits_labels(pz + b * C * N + v0, N, labels.data(), n, C, scratch.get(),
@@ -179,10 +169,10 @@ void backward_impl(const Geometry& g, const at::Tensor& grad_sums, const at::Ten
     if (use_avx2<scalar_t>(g, simd) && gp_out) {  // labels: no target gradient
       for_each_chunk(g, [&](int64_t, int64_t b, int64_t v0, int64_t n) {
         std::vector<int32_t> labels(n);
-        VectorScratch scratch(C);
+        avx2::VectorScratch scratch(2 * C);
         chunk_labels(target.const_data_ptr<label_t>() + b * N + v0, n, C, labels.data(), nullptr, simd);
         avx2::backward_logits_labels(pz + b * C * N + v0, N, labels.data(), n, C, gsum + b * C * 3,
-                                     scratch.get(), gp_out + b * C * N + v0);
+                                     scratch.get(), scratch.get() + C, gp_out + b * C * N + v0);
       });
       return;
     }

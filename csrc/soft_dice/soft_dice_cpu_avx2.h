@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DA_DICE_AVX2 1
@@ -129,9 +130,11 @@ DA_AVX2 inline void sums_logits_labels(const float* z, int64_t zs, const int32_t
 }
 
 // Logits gradient of one chunk: out_c = p_c (g_c - sum_k p_k g_k), g_c = gI_c [y == c] + gP_c.
-// gs: [C, 3] gradient of the sums; out at (b, 0, v0), class stride zs.
+// gs: [C, 3] gradient of the sums; p, g: scratch of C vectors each; out at (b, 0, v0), class
+// stride zs.
 DA_AVX2 inline void backward_logits_labels(const float* z, int64_t zs, const int32_t* y, int64_t n,
-                                           int64_t C, const float* gs, __m256* p, float* out) {
+                                           int64_t C, const float* gs, __m256* p, __m256* g,
+                                           float* out) {
   for (int64_t v = 0; v < n; v += 8) {
     const bool full = v + 8 <= n;
     const __m256i valid = lane_mask(n - v);
@@ -141,13 +144,11 @@ DA_AVX2 inline void backward_logits_labels(const float* z, int64_t zs, const int
     __m256 dot = _mm256_setzero_ps();
     for (int64_t c = 0; c < C; ++c) {
       const __m256 t = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lab, _mm256_set1_epi32(static_cast<int32_t>(c))));
-      const __m256 g = _mm256_add_ps(_mm256_and_ps(_mm256_set1_ps(gs[3 * c]), t), _mm256_set1_ps(gs[3 * c + 1]));
-      dot = _mm256_fmadd_ps(p[c], g, dot);
+      g[c] = _mm256_add_ps(_mm256_and_ps(_mm256_set1_ps(gs[3 * c]), t), _mm256_set1_ps(gs[3 * c + 1]));
+      dot = _mm256_fmadd_ps(p[c], g[c], dot);
     }
     for (int64_t c = 0; c < C; ++c) {
-      const __m256 t = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lab, _mm256_set1_epi32(static_cast<int32_t>(c))));
-      const __m256 g = _mm256_add_ps(_mm256_and_ps(_mm256_set1_ps(gs[3 * c]), t), _mm256_set1_ps(gs[3 * c + 1]));
-      const __m256 o = _mm256_mul_ps(p[c], _mm256_sub_ps(g, dot));
+      const __m256 o = _mm256_mul_ps(p[c], _mm256_sub_ps(g[c], dot));
       if (full)
         _mm256_storeu_ps(out + c * zs + v, o);
       else
@@ -156,13 +157,31 @@ DA_AVX2 inline void backward_logits_labels(const float* z, int64_t zs, const int
   }
 }
 
+// n vectors of 8 floats, 32-byte aligned (std::vector<__m256> does not promise it here).
+struct VectorScratch {
+  std::vector<float> buf;
+  explicit VectorScratch(int64_t n) : buf(8 * n + 8) {}
+  __m256* get() {
+    const uintptr_t q = reinterpret_cast<uintptr_t>(buf.data());
+    return reinterpret_cast<__m256*>((q + 31) & ~uintptr_t(31));
+  }
+};
+
 #undef DA_AVX2
 #undef DA_AVX2_INLINE
 
-#else  // no AVX2 code on this compiler/ISA: callers take the generic path
+#else  // no AVX2 code on this compiler/ISA: never called (cpu_supported() is false), only compiled
 
 inline bool cpu_supported() { return false; }
 inline bool labels_to_int32(const int64_t*, int64_t, int64_t, int32_t*) { return false; }
+struct VectorScratch {
+  explicit VectorScratch(int64_t) {}
+  float* get() { return nullptr; }
+};
+inline void sums_logits_labels(const float*, int64_t, const int32_t*, int64_t, int64_t, float*,
+                               float*, float*, float*, float*) {}
+inline void backward_logits_labels(const float*, int64_t, const int32_t*, int64_t, int64_t,
+                                   const float*, float*, float*, float*) {}
 
 #endif
 
