@@ -74,10 +74,19 @@ CASES = {
     "deepatlas_fast.warp forward+backward, disp grad only": ours_forward_backward_disp,
     "VoxelMorph grid_sample forward+backward, disp grad only": torch_forward_backward_disp,
 }
+
+
+def warp_bytes(shape, channels: int = 1, itemsize: int = 4) -> int:
+    """Least memory traffic of one forward warp: read the displacement (3 volumes) and the
+    image, write the output (each image voxel read once: the best case of the gather)."""
+    voxels = shape[0] * shape[1] * shape[2]
+    return (3 + 2 * channels) * voxels * itemsize
+
+
 # Least memory traffic, in float32 volumes: forward reads disp (3) and image, writes the output;
 # backward reads grad_out, disp (3) and image, writes grad_disp (3) and grad_image (if asked).
 LEAST_BYTES = {
-    "deepatlas_fast.warp forward": lambda s: warp_bytes(s),
+    "deepatlas_fast.warp forward": warp_bytes,
     "deepatlas_fast.warp forward+backward": lambda s: warp_bytes(s) + 9 * 4 * math.prod(s),
     "deepatlas_fast.warp forward+backward, disp grad only": lambda s: warp_bytes(s) + 8 * 4 * math.prod(s),
 }
@@ -90,13 +99,6 @@ GROUPS = [
 
 
 # ---- CUDA: achieved bandwidth (runs only where a GPU exists; never ran on this project's machines)
-
-def warp_bytes(shape, channels: int = 1, itemsize: int = 4) -> int:
-    """Least memory traffic of one forward warp: read the displacement (3 volumes) and the
-    image, write the output (each image voxel read once: the best case of the gather)."""
-    voxels = shape[0] * shape[1] * shape[2]
-    return (3 + 2 * channels) * voxels * itemsize
-
 
 def _cuda_seconds(fn, repeat: int) -> float:
     fn()
@@ -131,4 +133,3 @@ def format_bandwidth(result) -> str:
     return (f"CUDA ({result['device']}): warp forward {result['warp_gbps']:.0f} GB/s, device-to-device copy "
             f"{result['copy_gbps']:.0f} GB/s ({result['warp_gbps'] / result['copy_gbps']:.0%} of copy), "
             f"{result['bytes'] / 2**20:.0f} MiB moved per call")
-

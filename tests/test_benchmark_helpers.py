@@ -57,10 +57,6 @@ def test_roofline_rates_and_best_speedup(monkeypatch):
     assert "10.0 GB/s" in table and "50%" in table and "40x over theirs" in table
 
 
-def test_copy_seconds_measures_a_real_copy():
-    assert common.copy_seconds(1 << 20, repeat=3) > 0
-
-
 def test_interleaved_times_calls_cases_in_rounds():
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}

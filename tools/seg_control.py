@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepatlas_fast.demo import FULL, LONG, _data
+from deepatlas_fast.demo import PRESETS, _data
 from deepatlas_fast.evaluate import evaluate
 from deepatlas_fast.train import train
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, required=True, help="F_S steps (Semi-DA (seg) of the preset)")
     p.add_argument("--out", required=True, help="new run directory")
     args = p.parse_args(argv)
-    preset = {"full": FULL, "long": LONG}[args.preset]
+    preset = PRESETS[args.preset]
     data = _data(None, None)
     run = train(None, data, args.out, stage="seg", init=args.init, progress=False,
                 overrides=preset["overrides"] + [f"train.steps.seg={args.steps}"])
