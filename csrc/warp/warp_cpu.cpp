@@ -87,9 +87,16 @@ bool use_avx2(const Geometry& g, const Strides5& is, const Strides5& ds) {
          ds.w == 1 && fits_int32(g, is) && g.out_w < (int64_t(1) << 24) && simd_wanted();
 }
 
+// The AVX2 rows prefetch the cells of output row (d, h + kAheadColumns) while they compute
+// row (d, h): the image rows that row reads first are then fetched kAheadColumns columns
+// early (see avx2::prefetch_cell). 2, 4 and 8 measured alike here; 1 and the same row a few
+// voxels ahead were slower.
+constexpr int64_t kAheadColumns = 4;
+
 template <typename scalar_t>
 avx2::RowArgs avx2_row(const Geometry& g, const scalar_t* img_b, const Strides5& is,
-                       const Row<scalar_t>& row) {
+                       const Row<scalar_t>& row, const scalar_t* disp, const Strides5& ds,
+                       int64_t b, int64_t d, int64_t h) {
   avx2::RowArgs r;
   if constexpr (std::is_same<scalar_t, float>::value) {
     r.img = img_b;
@@ -99,6 +106,14 @@ avx2::RowArgs avx2_row(const Geometry& g, const scalar_t* img_b, const Strides5&
     r.d = row.d;
     r.h = row.h;
     r.lim = limits<float>(g);
+    if (h + kAheadColumns < g.out_h) {
+      const Row<scalar_t> ahead(disp, ds, b, d, h + kAheadColumns);
+      r.az = ahead.uz;
+      r.ay = ahead.uy;
+      r.ax = ahead.ux;
+      r.ad = ahead.d;
+      r.ah = ahead.h;
+    }
   }
   r.isd = static_cast<int32_t>(is.d);
   r.ish = static_cast<int32_t>(is.h);
@@ -137,7 +152,7 @@ at::Tensor warp_cpu(const at::Tensor& image, const at::Tensor& disp, c10::string
             sample_voxel<scalar_t, scalar_t>(g, ib, is, z, y, x, orow + w * os.w, os.c);
         };
         if constexpr (std::is_same<scalar_t, float>::value) {
-          if (simd) return avx2::forward_row(avx2_row(g, ib, is, row), orow, os.c, voxel);
+          if (simd) return avx2::forward_row(avx2_row(g, ib, is, row, u, ds, b, d, h), orow, os.c, voxel);
         }
         for (int64_t w = 0; w < g.out_w; ++w) voxel(w);
       });
@@ -306,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
       if constexpr (std::is_same<scalar_t, float>::value) {
         if (simd)
           return avx2::backward_row(
-              avx2_row(g, img + b * is.b, is, row), go + b * gs.b + d * gs.d + h * gs.h, gs.c,
+              avx2_row(g, img + b * is.b, is, row, u, ds, b, d, h), go + b * gs.b + d * gs.d + h * gs.h, gs.c,
               gs.w, add.base, static_cast<int32_t>(ris.d), static_cast<int32_t>(ris.h), ris.c,
               need_disp ? gd + b * rds.b + d * rds.d + h * rds.h : nullptr, rds.c, voxel);
       }
