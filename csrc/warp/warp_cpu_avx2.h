@@ -192,6 +192,61 @@ DA_AVX2 void forward_row(const RowArgs& r, float* out, int64_t out_c, const Fall
   for (; w < r.width; ++w) fallback(w);
 }
 
+// Scatter of the image gradient. Weights of a block: voxel l's (x, x + 1) weight pair for
+// image row (i, j) at pw[2 * i + j][2 * kPairSlot[l]] (the slots unpacklo/unpackhi of the x
+// and x + 1 weights leave them in).
+constexpr int kPairSlot[8] = {0, 1, 4, 5, 2, 3, 6, 7};
+
+DA_AVX2_INLINE __m128 load_pair(const float* p) {
+  return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+}
+
+DA_AVX2_INLINE void store_pair(float* p, __m128 v) {
+  _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(v));
+}
+
+// The 8 corners of voxel l, at s (its corner (0, 0, 0)): a 64-bit read-add-write per pair
+// (its two lanes are the scalar code's two additions).
+DA_AVX2_INLINE void scatter_voxel(float* s, int l, const float (&pw)[4][16], int32_t gsd, int32_t gsh) {
+  const int32_t rows[4] = {0, gsh, gsd, gsd + gsh};
+  for (int r = 0; r < 4; ++r)
+    store_pair(s + rows[r], _mm_add_ps(load_pair(s + rows[r]), load_pair(&pw[r][2 * kPairSlot[l]])));
+}
+
+// The 8 voxels of a block in W order at q (og: offsets of their corner (0, 0, 0)). When voxel
+// l's cell is voxel l - 1's, or follows it along x, the pair just written is taken from a
+// register rather than reloaded (a load overlapping half of the previous store would wait for
+// it to commit). Same additions in the same order per value: bit-identical to scatter_voxel.
+DA_AVX2_INLINE void scatter_block(float* q, const int32_t* og, const float (&pw)[4][16], int32_t gsd, int32_t gsh) {
+  float* const row[4] = {q, q + gsh, q + gsd, q + gsd + gsh};
+  __m128 acc[4];
+  int32_t prev = -2;
+  for (int l = 0; l < 8; ++l) {
+    const int32_t o = og[l];
+    const int slot = 2 * kPairSlot[l];
+    if (o == prev) {
+      for (int r = 0; r < 4; ++r) {
+        acc[r] = _mm_add_ps(acc[r], load_pair(&pw[r][slot]));
+        store_pair(row[r] + o, acc[r]);
+      }
+    } else if (o == prev + 1) {  // (the previous x + 1 value, memory at x + 1)
+      for (int r = 0; r < 4; ++r) {
+        float* t = row[r] + o;
+        const __m128 cur = _mm_insert_ps(_mm_movehdup_ps(acc[r]), _mm_load_ss(t + 1), 0x10);
+        acc[r] = _mm_add_ps(cur, load_pair(&pw[r][slot]));
+        store_pair(t, acc[r]);
+      }
+    } else {
+      for (int r = 0; r < 4; ++r) {
+        float* t = row[r] + o;
+        acc[r] = _mm_add_ps(load_pair(t), load_pair(&pw[r][slot]));
+        store_pair(t, acc[r]);
+      }
+    }
+    prev = o;
+  }
+}
+
 // Backward of one output row (see backward_interior). go: grad_out row, channel stride go_c,
 // W stride go_w (0 or 1). If gi: the image gradient of this batch item, contiguous
 // [C, D, H, W] with strides gsd, gsh, gsc, scattered voxel after voxel in W order, each
@@ -200,46 +255,9 @@ template <typename Fallback>
 DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64_t go_w, float* gi,
                           int32_t gsd, int32_t gsh, int64_t gsc, float* gd, int64_t gd_c,
                           const Fallback& fallback) {
-  alignas(32) float wt[2][2][2][8];  // scatter weights [i][j][k][voxel]
-  alignas(32) int32_t og[8];         // grad-image offsets of corner (0, 0, 0)
+  alignas(32) float pw[4][16];  // scatter weights, see scatter_block
+  alignas(32) int32_t og[8];    // grad-image offsets of corner (0, 0, 0)
   const __m256 one = _mm256_set1_ps(1.f);
-  // The 8 corners of voxel l, in the scalar order; serial, as neighbouring voxels share corners.
-  auto scatter = [&](float* s, int l) {
-    s[0] += wt[0][0][0][l];
-    s[1] += wt[0][0][1][l];
-    s[gsh] += wt[0][1][0][l];
-    s[gsh + 1] += wt[0][1][1][l];
-    s[gsd] += wt[1][0][0][l];
-    s[gsd + 1] += wt[1][0][1][l];
-    s[gsd + gsh] += wt[1][1][0][l];
-    s[gsd + gsh + 1] += wt[1][1][1][l];
-  };
-  // The 8 voxels of a block in order. When voxel l's cell follows voxel l - 1's along x, its
-  // x-corners are the x + 1 corners just written: their sums are taken from registers, not
-  // reloaded (same additions in the same order, without the store-to-load latency).
-  auto scatter_block = [&](float* q) {
-    float c00 = 0, c01 = 0, c10 = 0, c11 = 0;
-    int32_t prev = -2;
-    for (int l = 0; l < 8; ++l) {
-      float* s = q + og[l];
-      if (og[l] == prev + 1) {
-        s[0] = c00 + wt[0][0][0][l];
-        s[gsh] = c01 + wt[0][1][0][l];
-        s[gsd] = c10 + wt[1][0][0][l];
-        s[gsd + gsh] = c11 + wt[1][1][0][l];
-      } else {
-        s[0] += wt[0][0][0][l];
-        s[gsh] += wt[0][1][0][l];
-        s[gsd] += wt[1][0][0][l];
-        s[gsd + gsh] += wt[1][1][0][l];
-      }
-      s[1] = c00 = s[1] + wt[0][0][1][l];
-      s[gsh + 1] = c01 = s[gsh + 1] + wt[0][1][1][l];
-      s[gsd + 1] = c10 = s[gsd + 1] + wt[1][0][1][l];
-      s[gsd + gsh + 1] = c11 = s[gsd + gsh + 1] + wt[1][1][1][l];
-      prev = og[l];
-    }
-  };
   int64_t w = 0;
   for (; w + 8 <= r.width; w += 8) {
     if (gi) prefetch_cell(r, gi, gsd, gsh, w);
@@ -297,10 +315,11 @@ DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
         for (int i = 0; i < 2; ++i)
           for (int j = 0; j < 2; ++j) {
             const __m256 wij = _mm256_mul_ps(_mm256_mul_ps(wz[i], wy[j]), g);
-            _mm256_store_ps(wt[i][j][0], _mm256_mul_ps(wij, wx[0]));
-            _mm256_store_ps(wt[i][j][1], _mm256_mul_ps(wij, wx[1]));
+            const __m256 w0 = _mm256_mul_ps(wij, wx[0]), w1 = _mm256_mul_ps(wij, wx[1]);
+            _mm256_store_ps(pw[2 * i + j], _mm256_unpacklo_ps(w0, w1));
+            _mm256_store_ps(pw[2 * i + j] + 8, _mm256_unpackhi_ps(w0, w1));
           }
-        if (!partial) scatter_block(gi + c * gsc);
+        if (!partial) scatter_block(gi + c * gsc, og, pw, gsd, gsh);
       }
     }
     if (gd) {
@@ -313,7 +332,7 @@ DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
         if (!(mask >> l & 1))
           fallback(w + l);
         else if (gi)
-          scatter(gi + og[l], l);
+          scatter_voxel(gi + og[l], l, pw, gsd, gsh);
       }
   }
   for (; w < r.width; ++w) fallback(w);
