@@ -106,6 +106,10 @@ avx2::RowArgs avx2_row(const Geometry& g, const scalar_t* img_b, const Strides5&
     r.d = row.d;
     r.h = row.h;
     r.lim = limits<float>(g);
+    r.size_d = static_cast<int32_t>(g.in_d);
+    r.size_h = static_cast<int32_t>(g.in_h);
+    r.size_w = static_cast<int32_t>(g.in_w);
+    r.border = g.padding == Padding::Border;
     if (h + kAheadColumns < g.out_h) {
       const Row<scalar_t> ahead(disp, ds, b, d, h + kAheadColumns);
       r.az = ahead.uz;
