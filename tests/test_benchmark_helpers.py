@@ -105,3 +105,31 @@ def test_warp_block_stats_on_a_constant_shift():
     d = torch.zeros(1, 3, 6, 6, 24, dtype=torch.float64) + 0.5
     d[:, 2, ..., 1::2] += 0.6
     assert tool.block_stats(d)["blocks: one run of cells (vector loads)"] == 0
+
+
+def test_warp_memory_probe_keeps_every_voxel_on_the_same_stencil():
+    import importlib.util
+    import deepatlas_fast as da
+    path = Path(__file__).resolve().parents[1] / "tools" / "warp_memory_probe.py"
+    spec = importlib.util.spec_from_file_location("warp_memory_probe", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    shape, period = (20, 18, 24), tool.PERIOD
+    disp = common.smooth_displacement(shape, magnitude=2.0).double()
+    folded = tool.wrapped(disp)
+    # An image periodic in d and h (period 13), and the 16 x 16-row image holding one period
+    # shifted by one row: the folded field must sample the small image where the original
+    # samples the periodic one (same cells up to the period, same fractions).
+    base = torch.randn(1, 1, period, period, shape[2], dtype=torch.float64)
+    big = base[:, :, torch.arange(shape[0]) % period][:, :, :, torch.arange(shape[1]) % period]
+    rows = (torch.arange(period + 3) - 1) % period
+    small = base[:, :, rows][:, :, :, rows]
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in shape], indexing="ij"))
+    loc, loc2 = grid + disp[0], grid + folded[0]
+    top = torch.tensor([s - 1 for s in shape], dtype=torch.float64).view(3, 1, 1, 1)
+    interior = ((loc > 0) & (loc < top)).all(0)
+    assert ((loc2[:2] > 0) & (loc2[:2] < period + 1)).all()  # strictly inside the small image
+    assert torch.equal(loc2[2], loc[2])
+    assert interior.float().mean() > 0.5
+    out, out2 = da.warp(big, disp), da.warp(small, folded)
+    torch.testing.assert_close(out2[0, 0][interior], out[0, 0][interior], rtol=1e-9, atol=1e-9)
