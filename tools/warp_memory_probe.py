@@ -9,7 +9,8 @@ Times deepatlas_fast.warp on three inputs with the benchmark's output grid:
     (the same blocks are runs of cells or corner pairs), only the image's memory is not;
   - a constant shift (every block a run of cells, the image read in order): the streaming floor.
 The first minus the second is what the image's memory costs; the second minus the third what
-the rough field's corner fetching costs. A diagnostic, not a benchmark (no baseline).
+the rough field's corner fetching costs. Before each timed call a 128 MiB buffer is written,
+so that the caches hold other data. A diagnostic, not a benchmark (no baseline).
 """
 from __future__ import annotations
 
@@ -61,12 +62,16 @@ def main(argv=None) -> int:
     print("| input | " + " | ".join(f"{n} thread{'s' * (n > 1)}" for n in args.threads) + " |")
     print("|---|" + "---:|" * len(args.threads))
     times = {name: {} for name in inputs}
+    # Each timed call starts with caches holding other data, as in a training step or the
+    # benchmark (back-to-back calls would find part of the image still in L3).
+    flush = torch.empty(2 * 2**20 * 64 // 4)
     for n in args.threads:
         torch.set_num_threads(n)
         for name, (image, disp) in inputs.items():
             da.warp(image, disp)  # warm-up
             t = []
             for _ in range(args.repeat):
+                flush.fill_(1.0)
                 t0 = time.perf_counter()
                 da.warp(image, disp)
                 t.append(time.perf_counter() - t0)
