@@ -1,10 +1,11 @@
-// AVX2 specialisation of the float32 interior path of the CPU warp (forward and backward):
-// 8 voxels of a W row at a time, the corner pairs (x, x + 1) fetched with 64-bit gathers.
-// It performs the operations of warp_math.h's interior path in the same order and without
-// FMA, so its results are bit-identical to the scalar path (the tests assert this). Blocks
-// with any non-interior voxel (border, outside, NaN) and row tails are handed back to the
-// scalar code through a callback. Compiled with a target attribute, called only after a
-// runtime CPU check, so the package still runs on CPUs without AVX2 and on other ISAs.
+// AVX2 specialisation of the float32 linear path of the CPU warp (forward and backward):
+// 8 voxels of a W row at a time, the corner pairs (x, x + 1) fetched with 64-bit loads (plain
+// vector loads when the 8 cells are one run along x). It performs the operations of
+// warp_math.h in the same order and without FMA, so its results are bit-identical to the
+// scalar path (the tests assert this). The forward also computes the voxels that are not
+// strictly interior (border_lanes); the backward hands those, and both hand row tails, back
+// to the scalar code through a callback. Compiled with a target attribute, called only after
+// a runtime CPU check, so the package still runs on CPUs without AVX2 and on other ISAs.
 #pragma once
 
 #include <cstdint>
