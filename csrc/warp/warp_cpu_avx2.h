@@ -52,19 +52,26 @@ struct RowArgs {
 inline bool cpu_supported() { return __builtin_cpu_supports("avx2"); }
 
 // Locations of 8 voxels starting at w. Returns the bit mask of the strictly interior ones
-// (as strictly_interior); the others get cell 0 so that the gathers stay inside the volume,
-// and the callers recompute them with the scalar code.
+// (as strictly_interior); the others get cell 0 so that the corner loads stay inside the
+// volume, and the callers recompute them (border_lanes in the forward, the scalar code in the
+// backward).
 struct Block {
   __m256 fz, fy, fx;
   __m256i iz, iy, ix;
 };
 
-DA_AVX2_INLINE int interior_block(const RowArgs& r, int64_t w, Block* k) {
-  const __m256 z = _mm256_add_ps(_mm256_set1_ps(r.d), _mm256_loadu_ps(r.uz + w));
-  const __m256 y = _mm256_add_ps(_mm256_set1_ps(r.h), _mm256_loadu_ps(r.uy + w));
+// Sampling locations x + u(x) of voxels w..w+7 of the row (as Row::at).
+DA_AVX2_INLINE void locations8(const RowArgs& r, int64_t w, __m256* z, __m256* y, __m256* x) {
+  *z = _mm256_add_ps(_mm256_set1_ps(r.d), _mm256_loadu_ps(r.uz + w));
+  *y = _mm256_add_ps(_mm256_set1_ps(r.h), _mm256_loadu_ps(r.uy + w));
   const __m256i wi = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)),
                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  const __m256 x = _mm256_add_ps(_mm256_cvtepi32_ps(wi), _mm256_loadu_ps(r.ux + w));
+  *x = _mm256_add_ps(_mm256_cvtepi32_ps(wi), _mm256_loadu_ps(r.ux + w));
+}
+
+DA_AVX2_INLINE int interior_block(const RowArgs& r, int64_t w, Block* k) {
+  __m256 z, y, x;
+  locations8(r, w, &z, &y, &x);
   const __m256 zero = _mm256_setzero_ps();
   // Ordered comparisons: NaN fails them, as in the scalar test.
   __m256 in = _mm256_and_ps(_mm256_cmp_ps(z, zero, _CMP_GT_OQ),
@@ -196,11 +203,8 @@ DA_AVX2_INLINE AxisV axis8(__m256 x, int32_t size, bool border) {
 // the scalar code it replaces in the forward (on the benchmark field 3 % of the voxels, ~12 %
 // of the forward's timer samples; the forward got ~4 % faster).
 DA_AVX2_INLINE void border_lanes(const RowArgs& r, int64_t w, int mask, float* out, int64_t out_c) {
-  const __m256 z = _mm256_add_ps(_mm256_set1_ps(r.d), _mm256_loadu_ps(r.uz + w));
-  const __m256 y = _mm256_add_ps(_mm256_set1_ps(r.h), _mm256_loadu_ps(r.uy + w));
-  const __m256i wi = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)),
-                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  const __m256 x = _mm256_add_ps(_mm256_cvtepi32_ps(wi), _mm256_loadu_ps(r.ux + w));
+  __m256 z, y, x;
+  locations8(r, w, &z, &y, &x);
   const __m256 zero = _mm256_setzero_ps();
   const __m256 fin = _mm256_and_ps(_mm256_and_ps(finite8(z), finite8(y)), finite8(x));
   const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
