@@ -89,16 +89,16 @@ bool use_avx2(const Geometry& g, const Strides5& is, const Strides5& ds) {
 
 // The AVX2 rows prefetch the cells of output row (d, h + kAheadColumns) while they compute
 // row (d, h): the image rows that row reads first are then fetched kAheadColumns columns
-// early (see avx2::prefetch_cell). 2, 4 and 8 measured alike here; 1 and the same row a few
+// early (see avx2::ahead_cell). 2, 4 and 8 measured alike here; 1 and the same row a few
 // voxels ahead were slower.
 constexpr int64_t kAheadColumns = 4;
 
 template <typename scalar_t>
 avx2::RowArgs avx2_row(const Geometry& g, const scalar_t* img_b, const Strides5& is,
-                       const Row<scalar_t>& row, const scalar_t* disp, const Strides5& ds,
-                       int64_t b, int64_t d, int64_t h) {
+                       const scalar_t* disp, const Strides5& ds, int64_t b, int64_t d, int64_t h) {
   avx2::RowArgs r;
   if constexpr (std::is_same<scalar_t, float>::value) {
+    const Row<scalar_t> row(disp, ds, b, d, h);
     r.img = img_b;
     r.uz = row.uz;
     r.uy = row.uy;
@@ -156,7 +156,7 @@ at::Tensor warp_cpu(const at::Tensor& image, const at::Tensor& disp, c10::string
             sample_voxel<scalar_t, scalar_t>(g, ib, is, z, y, x, orow + w * os.w, os.c);
         };
         if constexpr (std::is_same<scalar_t, float>::value) {
-          if (simd) return avx2::forward_row(avx2_row(g, ib, is, row, u, ds, b, d, h), orow, os.c, voxel);
+          if (simd) return avx2::forward_row(avx2_row(g, ib, is, u, ds, b, d, h), orow, os.c, voxel);
         }
         for (int64_t w = 0; w < g.out_w; ++w) voxel(w);
       });
@@ -325,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
       if constexpr (std::is_same<scalar_t, float>::value) {
         if (simd)
           return avx2::backward_row(
-              avx2_row(g, img + b * is.b, is, row, u, ds, b, d, h), go + b * gs.b + d * gs.d + h * gs.h, gs.c,
+              avx2_row(g, img + b * is.b, is, u, ds, b, d, h), go + b * gs.b + d * gs.d + h * gs.h, gs.c,
               gs.w, add.base, static_cast<int32_t>(ris.d), static_cast<int32_t>(ris.h), ris.c,
               need_disp ? gd + b * rds.b + d * rds.d + h * rds.h : nullptr, rds.c, voxel);
       }
