@@ -86,12 +86,18 @@ def test_measure_peak_sees_buffers_the_warm_up_freed():
     assert peak > 0.25 * 4 * 160 * 192 * 224
 
 
-def test_warp_block_stats_on_a_constant_shift():
+def _tool(name):
+    """tools/NAME.py as a module (tools/ is not a package)."""
     import importlib.util
-    path = Path(__file__).resolve().parents[1] / "tools" / "warp_block_stats.py"
-    spec = importlib.util.spec_from_file_location("warp_block_stats", path)
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_warp_block_stats_on_a_constant_shift():
+    tool = _tool("warp_block_stats")
     # +0.5 voxel everywhere on 6x6x24: locations z + 0.5 are strictly inside (0, 5) for z < 5,
     # the same along y, and along x for w < 23: per interior row two run blocks, the third holds
     # w = 23; 25 of the 36 rows are interior.
@@ -108,12 +114,8 @@ def test_warp_block_stats_on_a_constant_shift():
 
 
 def test_warp_memory_probe_keeps_every_voxel_on_the_same_stencil():
-    import importlib.util
     import deepatlas_fast as da
-    path = Path(__file__).resolve().parents[1] / "tools" / "warp_memory_probe.py"
-    spec = importlib.util.spec_from_file_location("warp_memory_probe", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _tool("warp_memory_probe")
     shape, period = (20, 18, 24), tool.PERIOD
     disp = common.smooth_displacement(shape, magnitude=2.0).double()
     folded = tool.wrapped(disp)
