@@ -61,8 +61,9 @@ def extension():
     sources = sorted(f for f in glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
                      if not f.startswith(os.path.join("csrc", "tests", "")))
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-    # -fopenmp: without it at::parallel_for silently runs on one thread.
-    cxx = opt + ["-fopenmp", "-fvisibility=hidden"]
+    # -fopenmp: without it at::parallel_for silently runs on one thread. -ffp-contract=off: the
+    # SIMD rows (AVX-512 implies FMA) must not fuse multiply-adds, to keep the scalar code's bits.
+    cxx = opt + ["-fopenmp", "-fvisibility=hidden", "-ffp-contract=off"]
     macros = []
     kwargs = dict(include_dirs=[CSRC], extra_link_args=["-fopenmp"])
     if with_cuda:

@@ -106,11 +106,14 @@ def test_warp_block_stats_on_a_constant_shift():
     assert s["blocks: interior, corner pairs"] == 0
     assert s["blocks: with a non-interior voxel"] == pytest.approx(58 / 108)
     assert s["distinct (z, y) cell rows per block (mean)"] == 1
+    assert s["runs per interior block (mean)"] == 1
     assert s["voxels not strictly interior"] == pytest.approx(1 - 25 * 23 / (36 * 24))
     # every other voxel shifted by 0.6 along x: cells repeat, no block is a run any more
     d = torch.zeros(1, 3, 6, 6, 24, dtype=torch.float64) + 0.5
     d[:, 2, ..., 1::2] += 0.6
-    assert tool.block_stats(d)["blocks: one run of cells (vector loads)"] == 0
+    s = tool.block_stats(d)
+    assert s["blocks: one run of cells (vector loads)"] == 0
+    assert s["runs per interior block (mean)"] == 8  # x cells w, w + 2, w + 2, w + 4, ...: no lane joins
 
 
 def test_warp_memory_probe_keeps_every_voxel_on_the_same_stencil():

@@ -1,14 +1,16 @@
-"""How the CPU warp's AVX2 rows see a displacement: the share of 8-voxel blocks that take each path.
+"""How the CPU warp's SIMD rows see a displacement: the share of 8-voxel blocks that take each path.
 
     python tools/warp_block_stats.py [--shape 160 192 224] [--magnitude 3]
 
 On the benchmark's displacement (benchmarks.common.smooth_displacement). The
-forward of csrc/warp/warp_cpu_avx2.h cuts each output row into blocks of 8 voxels (from w = 0;
+forward of csrc/warp/warp_cpu_simd_rows.h cuts each output row into blocks of 8 voxels (from w = 0;
 row tails go scalar). A block whose 8 sampling locations are strictly interior and whose cells
 are one run along x (same z and y cell, x cells x0..x0+7) takes plain vector loads; other
 interior blocks fetch the 16 corner pairs one by one; blocks with a non-interior voxel hand it to
-the scalar code. Prints those shares, the mean number of distinct (z, y) cell rows per block, and
-the share of voxels that are not strictly interior.
+the scalar code. Prints those shares, the mean number of distinct (z, y) cell rows per block, the
+mean number of runs per interior block (lanes whose cell continues the previous lane's along x
+join its run; the AVX-512 backward scatters run by run), and the share of voxels that are not
+strictly interior.
 """
 from __future__ import annotations
 
@@ -37,11 +39,14 @@ def block_stats(disp: torch.Tensor) -> dict:
     run = inside & same_row & (cx == cx[..., :1] + torch.arange(8)).all(-1)
     rows = cz * (shape[1] + 2) + cy  # one key per (z, y) cell row
     distinct = 1 + (rows.sort(-1).values.diff(dim=-1) != 0).sum(-1)
+    joins = (rows.diff(dim=-1) == 0) & (cx.diff(dim=-1) == 1)
+    runs = (8 - joins.sum(-1))[inside]
     return {
         "blocks: one run of cells (vector loads)": run.float().mean().item(),
         "blocks: interior, corner pairs": (inside & ~run).float().mean().item(),
         "blocks: with a non-interior voxel": (~inside).float().mean().item(),
         "distinct (z, y) cell rows per block (mean)": distinct.float().mean().item(),
+        "runs per interior block (mean)": runs.float().mean().item(),
         "voxels not strictly interior": 1 - interior.float().mean().item(),
     }
 

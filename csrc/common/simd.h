@@ -1,5 +1,7 @@
-// The switch of the CPU kernels' SIMD paths: DEEPATLAS_FAST_SIMD=0 (read at every call) forces
-// the portable scalar/compiler-vectorised paths, so tests can compare both on one machine.
+// The switch of the CPU kernels' SIMD paths, read at every call so that tests can compare the
+// paths on one machine: DEEPATLAS_FAST_SIMD=0 forces the portable scalar/compiler-vectorised
+// paths, DEEPATLAS_FAST_SIMD=avx2 allows AVX2 code but not AVX-512; unset (or anything else)
+// lets each kernel take the best its CPU runs.
 #pragma once
 
 #include <cstdlib>
@@ -7,9 +9,16 @@
 
 namespace deepatlas_fast {
 
-inline bool simd_enabled_by_env() {
+enum class SimdLevel { None = 0, Avx2 = 1, Avx512 = 2 };
+
+inline SimdLevel simd_level_by_env() {
   const char* env = std::getenv("DEEPATLAS_FAST_SIMD");
-  return env == nullptr || std::strcmp(env, "0") != 0;
+  if (env == nullptr) return SimdLevel::Avx512;
+  if (std::strcmp(env, "0") == 0) return SimdLevel::None;
+  if (std::strcmp(env, "avx2") == 0) return SimdLevel::Avx2;
+  return SimdLevel::Avx512;
 }
+
+inline bool simd_enabled_by_env() { return simd_level_by_env() != SimdLevel::None; }
 
 }  // namespace deepatlas_fast

@@ -22,7 +22,7 @@
 #include "common/cpu_memory.h"
 #include "common/simd.h"
 #include "warp/warp_checks.h"
-#include "warp/warp_cpu_avx2.h"
+#include "warp/warp_cpu_simd.h"
 #include "warp/warp_math.h"
 
 namespace deepatlas_fast {
@@ -70,10 +70,9 @@ struct Row {
   }
 };
 
-// The AVX2 rows (warp_cpu_avx2.h) serve float32, linear mode, W-contiguous image and disp,
-// on CPUs that have AVX2. DEEPATLAS_FAST_SIMD=0, read at every call, forces the scalar path
-// (the tests compare both paths).
-bool simd_wanted() { return simd_enabled_by_env() && avx2::cpu_supported(); }
+// The SIMD rows (warp_cpu_simd.h) serve float32, linear mode, W-contiguous image and disp, on
+// CPUs that have AVX2 (AVX-512 for the backward's run scatter). DEEPATLAS_FAST_SIMD, read at
+// every call, caps the level (the tests compare every level with the scalar path).
 
 // Offsets along D, H, W inside one channel of a tensor with these strides fit in int32.
 bool fits_int32(const Geometry& g, const Strides5& s) {
@@ -81,22 +80,24 @@ bool fits_int32(const Geometry& g, const Strides5& s) {
   return s.d >= 0 && s.h >= 0 && s.w >= 0 && last + 1 < std::numeric_limits<int32_t>::max();
 }
 
+// The row code for these inputs: None unless float32, linear mode, W-contiguous.
 template <typename scalar_t>
-bool use_avx2(const Geometry& g, const Strides5& is, const Strides5& ds) {
-  return std::is_same<scalar_t, float>::value && g.mode == Mode::Linear && is.w == 1 &&
-         ds.w == 1 && fits_int32(g, is) && g.out_w < (int64_t(1) << 24) && simd_wanted();
+SimdLevel row_simd(const Geometry& g, const Strides5& is, const Strides5& ds) {
+  const bool fits = std::is_same<scalar_t, float>::value && g.mode == Mode::Linear && is.w == 1 &&
+                    ds.w == 1 && fits_int32(g, is) && g.out_w < (int64_t(1) << 24);
+  return fits ? simd_level() : SimdLevel::None;
 }
 
-// The AVX2 rows prefetch the cells of output row (d, h + kAheadColumns) while they compute
+// The SIMD rows prefetch the cells of output row (d, h + kAheadColumns) while they compute
 // row (d, h): the image rows that row reads first are then fetched kAheadColumns columns
-// early (see avx2::ahead_cell). 2, 4 and 8 measured alike here; 1 and the same row a few
+// early (see ahead_cell). 2, 4 and 8 measured alike here; 1 and the same row a few
 // voxels ahead were slower.
 constexpr int64_t kAheadColumns = 4;
 
 template <typename scalar_t>
-avx2::RowArgs avx2_row(const Geometry& g, const scalar_t* img_b, const Strides5& is,
+RowArgs simd_row(const Geometry& g, const scalar_t* img_b, const Strides5& is,
                        const scalar_t* disp, const Strides5& ds, int64_t b, int64_t d, int64_t h) {
-  avx2::RowArgs r;
+  RowArgs r;
   if constexpr (std::is_same<scalar_t, float>::value) {
     const Row<scalar_t> row(disp, ds, b, d, h);
     r.img = img_b;
@@ -138,7 +139,7 @@ at::Tensor warp_cpu(const at::Tensor& image, const at::Tensor& disp, c10::string
     const scalar_t* u = disp.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const Limits<scalar_t> lim = limits<scalar_t>(g);
-    const bool simd = use_avx2<scalar_t>(g, is, ds);
+    const SimdLevel simd = row_simd<scalar_t>(g, is, ds);
     // Interior voxels of linear mode take the short path, single-channel images (the common
     // case) with the channel count fixed at compile time; the rest the general path.
     auto run = [&](auto channels) {
@@ -156,7 +157,8 @@ at::Tensor warp_cpu(const at::Tensor& image, const at::Tensor& disp, c10::string
             sample_voxel<scalar_t, scalar_t>(g, ib, is, z, y, x, orow + w * os.w, os.c);
         };
         if constexpr (std::is_same<scalar_t, float>::value) {
-          if (simd) return avx2::forward_row(avx2_row(g, ib, is, u, ds, b, d, h), orow, os.c, voxel);
+          if (simd != SimdLevel::None)  // (the AVX-512 copy differs in the image-gradient scatter only)
+            return avx2::forward_row(simd_row(g, ib, is, u, ds, b, d, h), orow, os.c, voxel);
         }
         for (int64_t w = 0; w < g.out_w; ++w) voxel(w);
       });
@@ -293,9 +295,10 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
 
     const Limits<scalar_t> lim = limits<scalar_t>(g);
     // grad_image is ours (contiguous), grad_disp too; grad_out may be broadcast along W.
-    const bool simd = use_avx2<scalar_t>(g, is, ds) && (gs.w == 0 || gs.w == 1) &&
-                      (!need_image || (ris.w == 1 && fits_int32(g, ris))) &&
-                      (!need_disp || rds.w == 1);
+    const bool rows_fit = (gs.w == 0 || gs.w == 1) && (!need_image || (ris.w == 1 && fits_int32(g, ris))) &&
+                          (!need_disp || rds.w == 1);
+    const SimdLevel level = rows_fit ? row_simd<scalar_t>(g, is, ds) : SimdLevel::None;
+    const bool simd = level != SimdLevel::None;
     // Backward of output voxel (b, d, h, w), with the adder of batch item b; interior voxels
     // of linear mode take the short path, with the channel count fixed for one channel.
     auto visit = [&](auto channels, const Row<scalar_t>& row, int64_t b, int64_t d, int64_t h,
@@ -323,11 +326,17 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
       PlainAdd<scalar_t> add{need_image ? gi + b * ris.b : nullptr};
       auto voxel = [&](int64_t w) { visit(channels, row, b, d, h, w, add); };
       if constexpr (std::is_same<scalar_t, float>::value) {
-        if (simd)
-          return avx2::backward_row(
-              avx2_row(g, img + b * is.b, is, u, ds, b, d, h), go + b * gs.b + d * gs.d + h * gs.h, gs.c,
-              gs.w, add.base, static_cast<int32_t>(ris.d), static_cast<int32_t>(ris.h), ris.c,
-              need_disp ? gd + b * rds.b + d * rds.d + h * rds.h : nullptr, rds.c, voxel);
+        if (simd) {
+          const RowArgs r = simd_row(g, img + b * is.b, is, u, ds, b, d, h);
+          const float* gorow = go + b * gs.b + d * gs.d + h * gs.h;
+          const auto sd = static_cast<int32_t>(ris.d), sh = static_cast<int32_t>(ris.h);
+          float* gdrow = need_disp ? gd + b * rds.b + d * rds.d + h * rds.h : nullptr;
+          // The AVX-512 copy differs in the image-gradient scatter only: backward with both
+          // gradients ~17 % faster, disp gradient alone a few % slower (2 threads, benchmark field).
+          if (level == SimdLevel::Avx512 && need_image)
+            return avx512::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, voxel);
+          return avx2::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, voxel);
+        }
       }
       for (int64_t w = 0; w < g.out_w; ++w) voxel(w);
     };

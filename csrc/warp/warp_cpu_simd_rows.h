@@ -1,55 +1,15 @@
-// AVX2 specialisation of the float32 linear path of the CPU warp (forward and backward):
-// 8 voxels of a W row at a time, the corner pairs (x, x + 1) fetched with 64-bit loads (plain
-// vector loads when the 8 cells are one run along x). It performs the operations of
-// warp_math.h in the same order and without FMA, so its results are bit-identical to the
+// The SIMD rows of the float32 linear CPU warp (forward and backward): 8 voxels of a W row at
+// a time, the corner pairs (x, x + 1) fetched with 64-bit loads (plain vector loads when the 8
+// cells are one run along x). They perform the operations of warp_math.h in the same order and
+// without FMA (the build passes -ffp-contract=off), so their results are bit-identical to the
 // scalar path (the tests assert this). The forward also computes the voxels that are not
-// strictly interior (border_lanes); the backward hands those, and both hand row tails, back
-// to the scalar code through a callback. Compiled with a target attribute, called only after
-// a runtime CPU check, so the package still runs on CPUs without AVX2 and on other ISAs.
-#pragma once
-
-#include <cstdint>
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define DA_WARP_AVX2 1
-#include <immintrin.h>
-#endif
-
-#include "warp/warp_math.h"
-
-namespace deepatlas_fast {
-namespace warp {
-namespace avx2 {
-
-// Row of the AVX2 path: contiguous along W for the image, disp and output (gradients).
-// Offsets inside one channel must fit in int32 (checked by the caller).
-struct RowArgs {
-  const float* img;      // (b, 0, 0, 0, 0)
-  int32_t isd, ish;      // image strides along D and H (W stride is 1)
-  int64_t isc;           // image channel stride
-  int64_t channels;
-  const float* uz;       // displacement row, channels d, h, w
-  const float* uy;
-  const float* ux;
-  float d, h;            // row coordinates
-  int64_t width;
-  Limits<float> lim;
-  int32_t size_d, size_h, size_w;  // image sizes, for border_lanes
-  bool border;                     // padding "border" (else "zeros")
-  // Displacement row (channels d, h, w) and coordinates of the output row visited a few
-  // columns later, whose cells are prefetched (ahead_cell); az null: none.
-  const float* az = nullptr;
-  const float* ay = nullptr;
-  const float* ax = nullptr;
-  float ad = 0, ah = 0;
-};
-
-#ifdef DA_WARP_AVX2
-
-#define DA_AVX2 __attribute__((target("avx2")))
-#define DA_AVX2_INLINE __attribute__((target("avx2"), always_inline)) inline
-
-inline bool cpu_supported() { return __builtin_cpu_supports("avx2"); }
+// strictly interior (border_lanes); the backward hands those, and both hand row tails, back to
+// the scalar code through a callback.
+//
+// No include guard: warp_cpu_simd.h includes this file once per instruction set, inside
+// namespaces avx2 and avx512, with DA_SIMD / DA_SIMD_INLINE giving the target attribute and
+// DA_WARP_SIMD_AVX512 set for the AVX-512 copy (whose backward scatters full blocks by runs,
+// scatter_runs). Each copy is called only after a runtime CPU check.
 
 // Locations of 8 voxels starting at w. Returns the bit mask of the strictly interior ones
 // (as strictly_interior); the others get cell 0 so that the corner loads stay inside the
@@ -61,7 +21,7 @@ struct Block {
 };
 
 // Sampling locations x + u(x) of voxels w..w+7 of the row (as Row::at).
-DA_AVX2_INLINE void locations8(const RowArgs& r, int64_t w, __m256* z, __m256* y, __m256* x) {
+DA_SIMD_INLINE void locations8(const RowArgs& r, int64_t w, __m256* z, __m256* y, __m256* x) {
   *z = _mm256_add_ps(_mm256_set1_ps(r.d), _mm256_loadu_ps(r.uz + w));
   *y = _mm256_add_ps(_mm256_set1_ps(r.h), _mm256_loadu_ps(r.uy + w));
   const __m256i wi = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)),
@@ -69,7 +29,7 @@ DA_AVX2_INLINE void locations8(const RowArgs& r, int64_t w, __m256* z, __m256* y
   *x = _mm256_add_ps(_mm256_cvtepi32_ps(wi), _mm256_loadu_ps(r.ux + w));
 }
 
-DA_AVX2_INLINE int interior_block(const RowArgs& r, int64_t w, Block* k) {
+DA_SIMD_INLINE int interior_block(const RowArgs& r, int64_t w, Block* k) {
   __m256 z, y, x;
   locations8(r, w, &z, &y, &x);
   const __m256 zero = _mm256_setzero_ps();
@@ -97,7 +57,7 @@ DA_AVX2_INLINE int interior_block(const RowArgs& r, int64_t w, Block* k) {
 // the common case for smooth displacements. Their corners are then 4 image rows of 9
 // consecutive values: plain vector loads replace the pair gathers, and the scatter becomes 4
 // vector read-add-writes (same values, same additions in the same order: bit-identical).
-DA_AVX2_INLINE bool run_block(const Block& k) {
+DA_SIMD_INLINE bool run_block(const Block& k) {
   const __m256i first = _mm256_setzero_si256();  // permute index: broadcast lane 0
   const __m256i x0 = _mm256_permutevar8x32_epi32(k.ix, first);
   const __m256i run = _mm256_add_epi32(x0, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -108,7 +68,7 @@ DA_AVX2_INLINE bool run_block(const Block& k) {
   return _mm256_movemask_ps(_mm256_castsi256_ps(eq)) == 0xFF;
 }
 
-DA_AVX2_INLINE __m256i offsets(const Block& k, int32_t sd, int32_t sh) {
+DA_SIMD_INLINE __m256i offsets(const Block& k, int32_t sd, int32_t sh) {
   return _mm256_add_epi32(_mm256_add_epi32(_mm256_mullo_epi32(k.iz, _mm256_set1_epi32(sd)),
                                            _mm256_mullo_epi32(k.iy, _mm256_set1_epi32(sh))),
                           k.ix);
@@ -116,7 +76,7 @@ DA_AVX2_INLINE __m256i offsets(const Block& k, int32_t sd, int32_t sh) {
 
 // Corner pairs (x, x + 1) of voxels a and b, as [a0 a1 b0 b1]: two 64-bit loads. (Measured on
 // Zen 4: ~1.5x faster than 64-bit gathers.)
-DA_AVX2_INLINE __m128 pairs(const float* p, int32_t a, int32_t b) {
+DA_SIMD_INLINE __m128 pairs(const float* p, int32_t a, int32_t b) {
   const __m128 lo = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p + a)));
   return _mm_loadh_pi(lo, reinterpret_cast<const __m64*>(p + b));
 }
@@ -124,7 +84,7 @@ DA_AVX2_INLINE __m128 pairs(const float* p, int32_t a, int32_t b) {
 // The 8 corners of 8 cells, v[i][j][k] as in load_corners; off: offsets of corner (0, 0, 0).
 // Loading voxels (0 1 4 5) and (2 3 6 7) into the two vectors lets one shuffle of even/odd
 // floats give voxels 0..7 in order.
-DA_AVX2_INLINE void corners(const float* p, const int32_t* off, int32_t sd, int32_t sh,
+DA_SIMD_INLINE void corners(const float* p, const int32_t* off, int32_t sd, int32_t sh,
                             __m256 (&v)[2][2][2]) {
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) {
@@ -137,7 +97,7 @@ DA_AVX2_INLINE void corners(const float* p, const int32_t* off, int32_t sd, int3
 }
 
 // corners() for a run block: off0 is the offset of voxel 0's corner (0, 0, 0).
-DA_AVX2_INLINE void run_corners(const float* p, int32_t off0, int32_t sd, int32_t sh,
+DA_SIMD_INLINE void run_corners(const float* p, int32_t off0, int32_t sd, int32_t sh,
                                 __m256 (&v)[2][2][2]) {
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) {
@@ -147,7 +107,7 @@ DA_AVX2_INLINE void run_corners(const float* p, int32_t off0, int32_t sd, int32_
     }
 }
 
-DA_AVX2_INLINE __m256 lerp8(__m256 a, __m256 b, __m256 t) {
+DA_SIMD_INLINE __m256 lerp8(__m256 a, __m256 b, __m256 t) {
   return _mm256_add_ps(a, _mm256_mul_ps(t, _mm256_sub_ps(b, a)));
 }
 
@@ -161,7 +121,7 @@ struct AheadCell {
   int32_t z, y, x;
 };
 
-DA_AVX2_INLINE bool ahead_cell(const RowArgs& r, int64_t w, AheadCell* c) {
+DA_SIMD_INLINE bool ahead_cell(const RowArgs& r, int64_t w, AheadCell* c) {
   if (!r.az) return false;
   const float z = r.ad + r.az[w], y = r.ah + r.ay[w], x = static_cast<float>(w) + r.ax[w];
   if (!strictly_interior(r.lim, z, y, x)) return false;
@@ -170,7 +130,7 @@ DA_AVX2_INLINE bool ahead_cell(const RowArgs& r, int64_t w, AheadCell* c) {
 }
 
 // Prefetches the 4 rows of cell c in p (the image or its gradient; strides sd, sh).
-DA_AVX2_INLINE void prefetch_cell(const float* p, int32_t sd, int32_t sh, const AheadCell& c) {
+DA_SIMD_INLINE void prefetch_cell(const float* p, int32_t sd, int32_t sh, const AheadCell& c) {
   const float* q = p + c.z * sd + c.y * sh + c.x;
   _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T0);
   _mm_prefetch(reinterpret_cast<const char*>(q + sh), _MM_HINT_T0);
@@ -178,7 +138,7 @@ DA_AVX2_INLINE void prefetch_cell(const float* p, int32_t sd, int32_t sh, const 
   _mm_prefetch(reinterpret_cast<const char*>(q + sd + sh), _MM_HINT_T0);
 }
 
-DA_AVX2_INLINE __m256 finite8(__m256 v) {  // v - v is 0 unless v is NaN or infinite
+DA_SIMD_INLINE __m256 finite8(__m256 v) {  // v - v is 0 unless v is NaN or infinite
   return _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_EQ_OQ);
 }
 
@@ -189,7 +149,7 @@ struct AxisV {
   __m256 w1, in0, in1;
 };
 
-DA_AVX2_INLINE AxisV axis8(__m256 x, int32_t size, bool border) {
+DA_SIMD_INLINE AxisV axis8(__m256 x, int32_t size, bool border) {
   // = linear_axis's clamps for finite x (max_ps(-0, +0) gives +0, as x <= 0 -> 0 does)
   const __m256 lo = _mm256_set1_ps(border ? 0.f : -2.f);
   const __m256 hi = _mm256_set1_ps(static_cast<float>(border ? size - 1 : size + 1));
@@ -212,7 +172,7 @@ DA_AVX2_INLINE AxisV axis8(__m256 x, int32_t size, bool border) {
 // fetched with masked gathers; non-finite locations give (z + y + x) * 0. Bit-identical to
 // the scalar code it replaces in the forward (on the benchmark field 3 % of the voxels, ~12 %
 // of the forward's timer samples; the forward got ~4 % faster).
-DA_AVX2_INLINE void border_lanes(const RowArgs& r, int64_t w, int mask, float* out, int64_t out_c) {
+DA_SIMD_INLINE void border_lanes(const RowArgs& r, int64_t w, int mask, float* out, int64_t out_c) {
   __m256 z, y, x;
   locations8(r, w, &z, &y, &x);
   const __m256 zero = _mm256_setzero_ps();
@@ -255,7 +215,7 @@ DA_AVX2_INLINE void border_lanes(const RowArgs& r, int64_t w, int mask, float* o
 // Forward of one output row: out[c * out_c + w] for w in [0, width). fallback(w) computes one
 // voxel with the scalar code (row tails).
 template <typename Fallback>
-DA_AVX2 void forward_row(const RowArgs& r, float* out, int64_t out_c, const Fallback& fallback) {
+DA_SIMD void forward_row(const RowArgs& r, float* out, int64_t out_c, const Fallback& fallback) {
   int64_t w = 0;
   for (; w + 8 <= r.width; w += 8) {
     AheadCell ahead;
@@ -290,17 +250,17 @@ DA_AVX2 void forward_row(const RowArgs& r, float* out, int64_t out_c, const Fall
 // and x + 1 weights leave them in).
 constexpr int kPairSlot[8] = {0, 1, 4, 5, 2, 3, 6, 7};
 
-DA_AVX2_INLINE __m128 load_pair(const float* p) {
+DA_SIMD_INLINE __m128 load_pair(const float* p) {
   return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
 }
 
-DA_AVX2_INLINE void store_pair(float* p, __m128 v) {
+DA_SIMD_INLINE void store_pair(float* p, __m128 v) {
   _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(v));
 }
 
 // The 8 corners of voxel l, at s (its corner (0, 0, 0)): a 64-bit read-add-write per pair
 // (its two lanes are the scalar code's two additions).
-DA_AVX2_INLINE void scatter_voxel(float* s, int l, const float (&pw)[4][16], int32_t gsd, int32_t gsh) {
+DA_SIMD_INLINE void scatter_voxel(float* s, int l, const float (&pw)[4][16], int32_t gsd, int32_t gsh) {
   const int32_t rows[4] = {0, gsh, gsd, gsd + gsh};
   for (int r = 0; r < 4; ++r)
     store_pair(s + rows[r], _mm_add_ps(load_pair(s + rows[r]), load_pair(&pw[r][2 * kPairSlot[l]])));
@@ -310,7 +270,7 @@ DA_AVX2_INLINE void scatter_voxel(float* s, int l, const float (&pw)[4][16], int
 // l's cell is voxel l - 1's, or follows it along x, the pair just written is taken from a
 // register rather than reloaded (a load overlapping half of the previous store would wait for
 // it to commit). Same additions in the same order per value: bit-identical to scatter_voxel.
-DA_AVX2_INLINE void scatter_block(float* q, const int32_t* og, const float (&pw)[4][16], int32_t gsd, int32_t gsh) {
+DA_SIMD_INLINE void scatter_block(float* q, const int32_t* og, const float (&pw)[4][16], int32_t gsd, int32_t gsh) {
   float* const row[4] = {q, q + gsh, q + gsd, q + gsd + gsh};
   __m128 acc[4] = {};  // read only after a first write (prev starts at no offset); zeroed for the compiler
   int32_t prev = -2;
@@ -340,12 +300,65 @@ DA_AVX2_INLINE void scatter_block(float* q, const int32_t* og, const float (&pw)
   }
 }
 
+#ifdef DA_WARP_SIMD_AVX512
+constexpr bool kScatterRuns = true;
+
+// Lanes of a block that start a run: voxel l continues voxel l - 1's run when its corner
+// (0, 0, 0) is the next value in memory (same cell row, x + 1).
+DA_SIMD_INLINE unsigned run_starts(__m256i og) {
+  const __m256i prev = _mm256_permutevar8x32_epi32(og, _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6));
+  const __m256i cont = _mm256_cmpeq_epi32(og, _mm256_add_epi32(prev, _mm256_set1_epi32(1)));
+  return ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(cont))) & 0xFFu;  // lane 0 always
+}
+
+// Scatter of a block with 8 interior voxels, run by run (runs: see run_starts; 3.3 per block
+// on the benchmark field, where 4.8 % of the blocks are one run). Run s..e covers positions
+// og[s] .. og[e] + 1 of each of the 4 image rows, as lanes s..e + 1 of a 16-float vector at
+// og[s] - s: lane l receives voxel l - 1's x + 1 weight (w1), then voxel l's x weight (w0),
+// the scalar order, by two merge-masked adds between one masked load and one masked store.
+// Runs go in lane order, so a position two runs share also receives its weights in voxel
+// order: bit-identical to scatter_voxel, with 4 vector read-add-writes per run in place of
+// 4 pair read-add-writes and a 3-way branch per voxel (scatter_block).
+DA_SIMD_INLINE void scatter_runs(float* q, const int32_t* og, unsigned starts, const __m256 (&w0)[4],
+                                 const __m256 (&w1)[4], int32_t gsd, int32_t gsh) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i up = _mm512_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0);
+  __m512 a[4], b[4];  // per image row: w0 in lanes 0..7; w1 moved up one lane, in lanes 1..8
+  for (int r = 0; r < 4; ++r) {
+    a[r] = _mm512_insertf32x8(zero, w0[r], 0);
+    b[r] = _mm512_maskz_permutexvar_ps(_cvtu32_mask16(0x1FEu), up, _mm512_insertf32x8(zero, w1[r], 0));
+  }
+  const int32_t rows[4] = {0, gsh, gsd, gsd + gsh};
+  while (starts) {
+    const int s = __builtin_ctz(starts);
+    starts &= starts - 1;
+    const int end = starts ? __builtin_ctz(starts) : 8;  // one past the run's last voxel
+    const unsigned lanes = ((1u << end) - 1) & ~((1u << s) - 1);
+    const __mmask16 m0 = _cvtu32_mask16(lanes), m1 = _cvtu32_mask16(lanes << 1),
+                    m = _cvtu32_mask16(lanes | lanes << 1);
+    float* base = q + og[s] - s;
+    for (int r = 0; r < 4; ++r) {
+      float* t = base + rows[r];
+      __m512 v = _mm512_maskz_loadu_ps(m, t);
+      v = _mm512_mask_add_ps(v, m1, v, b[r]);
+      v = _mm512_mask_add_ps(v, m0, v, a[r]);
+      _mm512_mask_storeu_ps(t, m, v);
+    }
+  }
+}
+#else  // AVX2: full blocks go by scatter_block, or as one run (backward_row)
+constexpr bool kScatterRuns = false;
+DA_SIMD_INLINE unsigned run_starts(__m256i) { return 0; }
+DA_SIMD_INLINE void scatter_runs(float*, const int32_t*, unsigned, const __m256 (&)[4], const __m256 (&)[4],
+                                 int32_t, int32_t) {}
+#endif
+
 // Backward of one output row (see backward_interior). go: grad_out row, channel stride go_c,
 // W stride go_w (0 or 1). If gi: the image gradient of this batch item, contiguous
 // [C, D, H, W] with strides gsd, gsh, gsc, scattered voxel after voxel in W order, each
 // voxel's 8 corners in the scalar order. If gd: the disp gradient row, channel stride gd_c.
 template <typename Fallback>
-DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64_t go_w, float* gi,
+DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64_t go_w, float* gi,
                           int32_t gsd, int32_t gsh, int64_t gsc, float* gd, int64_t gd_c,
                           const Fallback& fallback) {
   alignas(32) float pw[4][16];  // scatter weights, see scatter_block
@@ -369,7 +382,11 @@ DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
     }
     alignas(32) int32_t o[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(o), offsets(k, r.isd, r.ish));
-    if (gi) _mm256_store_si256(reinterpret_cast<__m256i*>(og), offsets(k, gsd, gsh));
+    __m256i ogv = _mm256_setzero_si256();
+    if (gi) {
+      ogv = offsets(k, gsd, gsh);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(og), ogv);
+    }
     const __m256 wz[2] = {_mm256_sub_ps(one, k.fz), k.fz}, wy[2] = {_mm256_sub_ps(one, k.fy), k.fy},
                  wx[2] = {_mm256_sub_ps(one, k.fx), k.fx};
     const bool run = !partial && run_block(k);
@@ -392,30 +409,35 @@ DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
         const __m256 e1 = lerp8(_mm256_sub_ps(v[1][0][1], v[1][0][0]), _mm256_sub_ps(v[1][1][1], v[1][1][0]), k.fy);
         tx = _mm256_add_ps(tx, _mm256_mul_ps(g, lerp8(e0, e1, k.fz)));
       }
-      if (gi && run) {
-        // Position x0 + l of image row (i, j) receives, in the scalar order, voxel l - 1's
-        // x + 1 weight, then voxel l's x weight; x0 + 8 only voxel 7's x + 1 weight.
-        // (s + 0 == s: the sums start at +0 and never become -0.)
-        const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
-        float* q = gi + c * gsc + og[0];
+      if (gi) {
+        __m256 w0[4], w1[4];  // image row (i, j) at 2 * i + j: x and x + 1 weights times g
         for (int i = 0; i < 2; ++i)
           for (int j = 0; j < 2; ++j) {
             const __m256 wij = _mm256_mul_ps(_mm256_mul_ps(wz[i], wy[j]), g);
-            const __m256 w0 = _mm256_mul_ps(wij, wx[0]), w1 = _mm256_mul_ps(wij, wx[1]);
-            const __m256 prev = _mm256_blend_ps(_mm256_permutevar8x32_ps(w1, up), _mm256_setzero_ps(), 1);
-            float* s = q + i * gsd + j * gsh;
-            _mm256_storeu_ps(s, _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(s), prev), w0));
-            s[8] += _mm256_cvtss_f32(_mm256_permutevar8x32_ps(w1, _mm256_set1_epi32(7)));
+            w0[2 * i + j] = _mm256_mul_ps(wij, wx[0]);
+            w1[2 * i + j] = _mm256_mul_ps(wij, wx[1]);
           }
-      } else if (gi) {
-        for (int i = 0; i < 2; ++i)
-          for (int j = 0; j < 2; ++j) {
-            const __m256 wij = _mm256_mul_ps(_mm256_mul_ps(wz[i], wy[j]), g);
-            const __m256 w0 = _mm256_mul_ps(wij, wx[0]), w1 = _mm256_mul_ps(wij, wx[1]);
-            _mm256_store_ps(pw[2 * i + j], _mm256_unpacklo_ps(w0, w1));
-            _mm256_store_ps(pw[2 * i + j] + 8, _mm256_unpackhi_ps(w0, w1));
+        float* q = gi + c * gsc;
+        if (kScatterRuns && !partial) {
+          scatter_runs(q, og, run_starts(ogv), w0, w1, gsd, gsh);
+        } else if (run) {
+          // Position x0 + l of image row (i, j) receives, in the scalar order, voxel l - 1's
+          // x + 1 weight, then voxel l's x weight; x0 + 8 only voxel 7's x + 1 weight.
+          // (s + 0 == s: the sums start at +0 and never become -0.)
+          const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
+          for (int r = 0; r < 4; ++r) {
+            const __m256 prev = _mm256_blend_ps(_mm256_permutevar8x32_ps(w1[r], up), _mm256_setzero_ps(), 1);
+            float* s = q + og[0] + (r >> 1) * gsd + (r & 1) * gsh;
+            _mm256_storeu_ps(s, _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(s), prev), w0[r]));
+            s[8] += _mm256_cvtss_f32(_mm256_permutevar8x32_ps(w1[r], _mm256_set1_epi32(7)));
           }
-        if (!partial) scatter_block(gi + c * gsc, og, pw, gsd, gsh);
+        } else {
+          for (int r = 0; r < 4; ++r) {
+            _mm256_store_ps(pw[r], _mm256_unpacklo_ps(w0[r], w1[r]));
+            _mm256_store_ps(pw[r] + 8, _mm256_unpackhi_ps(w0[r], w1[r]));
+          }
+          if (!partial) scatter_block(q, og, pw, gsd, gsh);
+        }
       }
     }
     if (gd) {
@@ -434,45 +456,3 @@ DA_AVX2 void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
   for (; w < r.width; ++w) fallback(w);
 }
 
-// Folds the n values at p into [*lo, *hi], skipping NaN (min/max_ps return their second
-// operand when either is NaN), as the scalar loop of slice_reach.
-DA_AVX2 inline void min_max(const float* p, int64_t n, float* lo, float* hi) {
-  __m256 mn = _mm256_set1_ps(*lo), mx = _mm256_set1_ps(*hi);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(p + i);
-    mn = _mm256_min_ps(v, mn);
-    mx = _mm256_max_ps(v, mx);
-  }
-  alignas(32) float a[8], b[8];
-  _mm256_store_ps(a, mn);
-  _mm256_store_ps(b, mx);
-  for (int l = 0; l < 8; ++l) {
-    *lo = a[l] < *lo ? a[l] : *lo;
-    *hi = b[l] > *hi ? b[l] : *hi;
-  }
-  for (; i < n; ++i) {
-    *lo = p[i] < *lo ? p[i] : *lo;
-    *hi = p[i] > *hi ? p[i] : *hi;
-  }
-}
-
-#undef DA_AVX2
-#undef DA_AVX2_INLINE
-
-#else  // no AVX2 code on this compiler/ISA: callers take the scalar path
-
-inline bool cpu_supported() { return false; }
-
-template <typename Fallback>
-void forward_row(const RowArgs&, float*, int64_t, const Fallback&) {}
-template <typename Fallback>
-void backward_row(const RowArgs&, const float*, int64_t, int64_t, float*, int32_t, int32_t,
-                  int64_t, float*, int64_t, const Fallback&) {}
-inline void min_max(const float*, int64_t, float*, float*) {}
-
-#endif
-
-}  // namespace avx2
-}  // namespace warp
-}  // namespace deepatlas_fast
