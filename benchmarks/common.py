@@ -4,7 +4,7 @@ A benchmark module (bench_*.py) defines CASES: {name: factory(shape) -> fn}, whe
 builds the inputs and fn() runs one measured call, and GROUPS: a list of (title, ours, [others])
 naming the cases whose ratio is reported, and optionally LEAST_BYTES: {our case: fn(shape) ->
 bytes}, the memory traffic no implementation of that call can avoid (for the roofline table).
-Time is the median of `repeat` runs after a warm-up, the cases of a group timed in interleaved
+Time is the median of `repeat` runs after warm-up rounds, the cases of a group timed in interleaved
 rounds; memory is the peak resident set added by one call, measured in a child process (so one case's
 caches and allocator state cannot leak into another's).
 """
@@ -23,6 +23,12 @@ import torch
 DEFAULT_SHAPE = (160, 192, 224)  # the OASIS grid at 1 mm
 MIB = 1 << 20
 MMAP_THRESHOLD = 1 << 17  # glibc's default, made fixed in the memory child processes
+# Untimed rounds before the timed ones: up to WARMUP_ROUNDS, stopping once WARMUP_SECONDS have
+# passed (one round when the baselines are slow). On this VM a process's first calls that fault
+# in fresh memory run several times slower for a second or so (seen: warp backwards 2-3x slower
+# for the first ~10 calls, then steady); a single warm-up call left that inside the timing.
+WARMUP_ROUNDS = 3
+WARMUP_SECONDS = 2.0
 
 
 def smooth_displacement(shape, magnitude=3.0, seed=0, batch=1) -> torch.Tensor:
@@ -93,14 +99,17 @@ def measure_peak(module: str, case: str, shape) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def interleaved_times(fns: dict, repeat: int, warmup: int = 1) -> dict:
+def interleaved_times(fns: dict, repeat: int, warmup: int = WARMUP_ROUNDS) -> dict:
     """Median seconds of each fn, measured in rounds that call every fn once: the cases of a
     comparison see the same machine state (this VM's speed and its allocator's state drift
     within a run, and a case timed alone minutes apart from another would carry that drift
-    into the ratio)."""
-    for fn in fns.values():
-        for _ in range(warmup):
+    into the ratio). The warm-up is rounds of the same kind (see WARMUP_ROUNDS)."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        for fn in fns.values():
             fn()
+        if time.perf_counter() - start > WARMUP_SECONDS:
+            break
     times = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():

@@ -57,12 +57,16 @@ def test_roofline_rates_and_best_speedup(monkeypatch):
     assert "10.0 GB/s" in table and "50%" in table and "40x over theirs" in table
 
 
-def test_interleaved_times_calls_cases_in_rounds():
+def test_interleaved_times_calls_cases_in_rounds(monkeypatch):
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    t = common.interleaved_times(fns, repeat=3, warmup=1)
-    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then one call of each per round
+    t = common.interleaved_times(fns, repeat=3, warmup=2)
+    assert calls == ["a", "b"] * 2 + ["a", "b"] * 3  # warm-up rounds, then one call of each per round
     assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
+    calls.clear()  # slow cases: the warm-up stops after the round that passes WARMUP_SECONDS
+    monkeypatch.setattr(common, "WARMUP_SECONDS", 0.0)
+    common.interleaved_times(fns, repeat=1, warmup=3)
+    assert calls == ["a", "b"] * 2
 
 
 def test_run_module_times_each_case_once_and_reports_ratios(monkeypatch):
@@ -73,7 +77,8 @@ def test_run_module_times_each_case_once_and_reports_ratios(monkeypatch):
         GROUPS=[("g", "ours", ["base"])])
     monkeypatch.setattr(common.importlib, "import_module", lambda name: mod)
     rows = {r["case"]: r for r in common.run_module("fake", (2, 2, 2), repeat=2, memory=False, progress=lambda s: None)}
-    assert calls == ["ours", "base", "ours", "base", "ours", "base", "lone", "lone", "lone"]
+    rounds = common.WARMUP_ROUNDS + 2
+    assert calls == ["ours", "base"] * rounds + ["lone"] * rounds
     assert set(rows) == {"ours", "base", "lone"} and "ours" in rows["base"]["speedup_of"]
 
 
