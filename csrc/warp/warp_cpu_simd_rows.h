@@ -147,15 +147,19 @@ DA_SIMD_INLINE __m256 finite8(__m256 v) {  // v - v is 0 unless v is NaN or infi
 struct AxisV {
   __m256i i0;
   __m256 w1, in0, in1;
+  __m256 dsrc;  // linear_axis's d(clamped)/dx: 0 where "border" clamps, else 1
 };
 
 DA_SIMD_INLINE AxisV axis8(__m256 x, int32_t size, bool border) {
   // = linear_axis's clamps for finite x (max_ps(-0, +0) gives +0, as x <= 0 -> 0 does)
   const __m256 lo = _mm256_set1_ps(border ? 0.f : -2.f);
   const __m256 hi = _mm256_set1_ps(static_cast<float>(border ? size - 1 : size + 1));
+  AxisV a;
+  const __m256 one = _mm256_set1_ps(1.f);
+  a.dsrc = border ? _mm256_and_ps(one, _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GT_OQ), _mm256_cmp_ps(x, hi, _CMP_LT_OQ)))
+                  : one;
   x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
   const __m256 f = _mm256_floor_ps(x);
-  AxisV a;
   a.i0 = _mm256_cvttps_epi32(f);
   a.w1 = _mm256_sub_ps(x, f);
   const __m256i n = _mm256_set1_epi32(size), i1 = _mm256_add_epi32(a.i0, _mm256_set1_epi32(1));
@@ -163,6 +167,54 @@ DA_SIMD_INLINE AxisV axis8(__m256 x, int32_t size, bool border) {
   a.in0 = _mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpgt_epi32(a.i0, minus1), _mm256_cmpgt_epi32(n, a.i0)));
   a.in1 = _mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpgt_epi32(i1, minus1), _mm256_cmpgt_epi32(n, i1)));
   return a;
+}
+
+// The trilinear stencils of voxels w..w+7 in sample_voxel's / backward_voxel's general linear
+// form (make_stencil): per corner (i, j, k) the weight ((wz * wy) * wx) and the lanes where
+// the corner is inside the volume and the location finite. Offsets: corner_offsets.
+struct Stencil8 {
+  __m256 z, y, x, fin;
+  AxisV az, ay, ax;
+  __m256 wz[2], wy[2], wx[2];
+  __m256 wgt[2][2][2], valid[2][2][2];
+};
+
+DA_SIMD_INLINE Stencil8 stencil8(const RowArgs& r, int64_t w) {
+  Stencil8 s;
+  locations8(r, w, &s.z, &s.y, &s.x);
+  s.fin = _mm256_and_ps(_mm256_and_ps(finite8(s.z), finite8(s.y)), finite8(s.x));
+  s.az = axis8(s.z, r.size_d, r.border);
+  s.ay = axis8(s.y, r.size_h, r.border);
+  s.ax = axis8(s.x, r.size_w, r.border);
+  const __m256 one = _mm256_set1_ps(1.f);
+  s.wz[0] = _mm256_sub_ps(one, s.az.w1), s.wz[1] = s.az.w1;
+  s.wy[0] = _mm256_sub_ps(one, s.ay.w1), s.wy[1] = s.ay.w1;
+  s.wx[0] = _mm256_sub_ps(one, s.ax.w1), s.wx[1] = s.ax.w1;
+  const __m256 inz[2] = {s.az.in0, s.az.in1}, iny[2] = {s.ay.in0, s.ay.in1}, inx[2] = {s.ax.in0, s.ax.in1};
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      for (int k = 0; k < 2; ++k) {
+        s.wgt[i][j][k] = _mm256_mul_ps(_mm256_mul_ps(s.wz[i], s.wy[j]), s.wx[k]);
+        s.valid[i][j][k] = _mm256_and_ps(_mm256_and_ps(_mm256_and_ps(inz[i], iny[j]), inx[k]), s.fin);
+      }
+  return s;
+}
+
+// Offsets of the corners (i, j, k) in an array with strides sd, sh (W stride 1).
+DA_SIMD_INLINE void corner_offsets(const Stencil8& s, int32_t sd, int32_t sh, __m256i (&off)[2][2][2]) {
+  const __m256i oz = _mm256_mullo_epi32(s.az.i0, _mm256_set1_epi32(sd));
+  const __m256i oy = _mm256_mullo_epi32(s.ay.i0, _mm256_set1_epi32(sh));
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      for (int k = 0; k < 2; ++k)
+        off[i][j][k] = _mm256_add_epi32(_mm256_add_epi32(oz, _mm256_set1_epi32(i * sd)),
+                                        _mm256_add_epi32(_mm256_add_epi32(oy, _mm256_set1_epi32(j * sh)),
+                                                         _mm256_add_epi32(s.ax.i0, _mm256_set1_epi32(k))));
+}
+
+DA_SIMD_INLINE __m256i lanes_not_in(int mask) {  // all-ones in the lanes whose bit is clear
+  const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(~mask), lane_bits), lane_bits);
 }
 
 // The lanes of the block at w that are not strictly interior (bits clear in mask), every
@@ -173,43 +225,73 @@ DA_SIMD_INLINE AxisV axis8(__m256 x, int32_t size, bool border) {
 // the scalar code it replaces in the forward (on the benchmark field 3 % of the voxels, ~12 %
 // of the forward's timer samples; the forward got ~4 % faster).
 DA_SIMD_INLINE void border_lanes(const RowArgs& r, int64_t w, int mask, float* out, int64_t out_c) {
-  __m256 z, y, x;
-  locations8(r, w, &z, &y, &x);
+  const Stencil8 s = stencil8(r, w);
   const __m256 zero = _mm256_setzero_ps();
-  const __m256 fin = _mm256_and_ps(_mm256_and_ps(finite8(z), finite8(y)), finite8(x));
-  const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i todo = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(~mask), lane_bits), lane_bits);
-  const AxisV az = axis8(z, r.size_d, r.border), ay = axis8(y, r.size_h, r.border),
-              ax = axis8(x, r.size_w, r.border);
-  const __m256 one = _mm256_set1_ps(1.f);
-  const __m256 wz[2] = {_mm256_sub_ps(one, az.w1), az.w1}, wy[2] = {_mm256_sub_ps(one, ay.w1), ay.w1},
-               wx[2] = {_mm256_sub_ps(one, ax.w1), ax.w1};
-  const __m256 inz[2] = {az.in0, az.in1}, iny[2] = {ay.in0, ay.in1}, inx[2] = {ax.in0, ax.in1};
-  const __m256i oz = _mm256_mullo_epi32(az.i0, _mm256_set1_epi32(r.isd));
-  const __m256i oy = _mm256_mullo_epi32(ay.i0, _mm256_set1_epi32(r.ish));
   __m256i off[2][2][2];
-  __m256 wgt[2][2][2], valid[2][2][2];
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j)
-      for (int k = 0; k < 2; ++k) {
-        off[i][j][k] = _mm256_add_epi32(_mm256_add_epi32(oz, _mm256_set1_epi32(i * r.isd)),
-                                        _mm256_add_epi32(_mm256_add_epi32(oy, _mm256_set1_epi32(j * r.ish)),
-                                                         _mm256_add_epi32(ax.i0, _mm256_set1_epi32(k))));
-        wgt[i][j][k] = _mm256_mul_ps(_mm256_mul_ps(wz[i], wy[j]), wx[k]);
-        valid[i][j][k] = _mm256_and_ps(_mm256_and_ps(_mm256_and_ps(inz[i], iny[j]), inx[k]), fin);
-      }
-  const __m256 nan = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(z, y), x), zero);
+  corner_offsets(s, r.isd, r.ish, off);
+  const __m256 nan = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(s.z, s.y), s.x), zero);
   const float* p = r.img;
   for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
     __m256 acc = zero;
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j)
         for (int k = 0; k < 2; ++k) {
-          const __m256 v = _mm256_mask_i32gather_ps(zero, p, off[i][j][k], valid[i][j][k], 4);
-          acc = _mm256_add_ps(acc, _mm256_mul_ps(wgt[i][j][k], v));
+          const __m256 v = _mm256_mask_i32gather_ps(zero, p, off[i][j][k], s.valid[i][j][k], 4);
+          acc = _mm256_add_ps(acc, _mm256_mul_ps(s.wgt[i][j][k], v));
         }
-    _mm256_maskstore_ps(out + c * out_c + w, todo, _mm256_blendv_ps(nan, acc, fin));
+    _mm256_maskstore_ps(out + c * out_c + w, lanes_not_in(mask), _mm256_blendv_ps(nan, acc, s.fin));
   }
+}
+
+// The scatter of a block's non-interior voxels, for the caller to add in voxel order: corner
+// c = 4 i + 2 j + k of lane l adds wgt[c][l] at off[c][l] if bit l of valid[c] is set.
+struct BorderScatter {
+  alignas(32) int32_t off[8][8];
+  alignas(32) float wgt[8][8];
+  int valid[8];
+};
+
+// ((a * b) * c) * d in the lanes of `valid`, +0 in the others.
+DA_SIMD_INLINE __m256 product4(__m256 a, __m256 b, __m256 c, __m256 d, __m256 valid) {
+  return _mm256_and_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(a, b), c), d), valid);
+}
+
+// backward_voxel's general linear path for the lanes of the block at w that are not strictly
+// interior, one channel (gradient g): returns their disp gradient in *tz, *ty, *tx (the other
+// lanes: unspecified) and, if bs, their scatter. Same products in the same order as the scalar
+// code: per inside corner, tz += ((v * sign_i) * wy) * wx etc. with v = g * image value (an
+// outside corner adds +0, as in border_lanes), then times dsrc; the weights ((wz * wy) * wx) * g.
+// Non-finite locations: (z + y + x) * 0 and no scatter.
+DA_SIMD_INLINE void border_backward(const RowArgs& r, int64_t w, __m256 g, bool need_disp, int32_t gsd,
+                                    int32_t gsh, __m256* tz, __m256* ty, __m256* tx, BorderScatter* bs) {
+  const Stencil8 s = stencil8(r, w);
+  const __m256 zero = _mm256_setzero_ps(), minus = _mm256_set1_ps(-1.f), plus = _mm256_set1_ps(1.f);
+  const __m256 sign[2] = {minus, plus};
+  __m256 az = zero, ay = zero, ax = zero;
+  __m256i off[2][2][2], goff[2][2][2];  // in the image and in its gradient
+  corner_offsets(s, r.isd, r.ish, off);
+  corner_offsets(s, gsd, gsh, goff);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      for (int k = 0; k < 2; ++k) {
+        const __m256 valid = s.valid[i][j][k];
+        if (need_disp) {
+          const __m256 v = _mm256_mul_ps(g, _mm256_mask_i32gather_ps(zero, r.img, off[i][j][k], valid, 4));
+          az = _mm256_add_ps(az, product4(v, sign[i], s.wy[j], s.wx[k], valid));
+          ay = _mm256_add_ps(ay, product4(v, s.wz[i], sign[j], s.wx[k], valid));
+          ax = _mm256_add_ps(ax, product4(v, s.wz[i], s.wy[j], sign[k], valid));
+        }
+        if (bs) {
+          const int c = 4 * i + 2 * j + k;
+          _mm256_store_si256(reinterpret_cast<__m256i*>(bs->off[c]), goff[i][j][k]);
+          _mm256_store_ps(bs->wgt[c], _mm256_mul_ps(s.wgt[i][j][k], g));
+          bs->valid[c] = _mm256_movemask_ps(valid);
+        }
+      }
+  const __m256 nan = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(s.z, s.y), s.x), zero);
+  *tz = _mm256_blendv_ps(nan, _mm256_mul_ps(az, s.az.dsrc), s.fin);
+  *ty = _mm256_blendv_ps(nan, _mm256_mul_ps(ay, s.ay.dsrc), s.fin);
+  *tx = _mm256_blendv_ps(nan, _mm256_mul_ps(ax, s.ax.dsrc), s.fin);
 }
 
 // Forward of one output row: out[c * out_c + w] for w in [0, width). fallback(w) computes one
@@ -390,12 +472,16 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
     Block k;
     const int mask = interior_block(r, w, &k);
     const bool partial = mask != 0xFF;
-    // A partial block keeps the scalar scatter order only with one channel (voxel order
-    // inside every channel): otherwise the whole block goes scalar.
-    if (mask == 0 || (partial && gi && r.channels != 1)) {
+    // Non-interior voxels: with one channel in vector form (border_backward), else by the
+    // scalar code; a partial block keeps the scalar scatter order only with one channel (voxel
+    // order inside every channel), so with more the whole block goes scalar.
+    const bool border_simd = partial && r.channels == 1;
+    if (!border_simd && (mask == 0 || (partial && gi))) {
       for (int l = 0; l < 8; ++l) fallback(w + l);
       continue;
     }
+    __m256 tz = _mm256_setzero_ps(), ty = tz, tx = tz;
+    if (mask != 0) {  // the interior voxels
     alignas(32) int32_t o[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(o), offsets(k, r.isd, r.ish));
     __m256i ogv = _mm256_setzero_si256();
@@ -406,7 +492,6 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
     const __m256 wz[2] = {_mm256_sub_ps(one, k.fz), k.fz}, wy[2] = {_mm256_sub_ps(one, k.fy), k.fy},
                  wx[2] = {_mm256_sub_ps(one, k.fx), k.fx};
     const bool run = !partial && run_block(k);
-    __m256 tz = _mm256_setzero_ps(), ty = tz, tx = tz;
     const float* p = r.img;
     for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
       const float* gc = go + c * go_c + w * go_w;
@@ -456,17 +541,32 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
         }
       }
     }
+    }
+    BorderScatter bs;
+    if (border_simd) {
+      const __m256 g = go_w ? _mm256_loadu_ps(go + w) : _mm256_set1_ps(*go);
+      __m256 bz, by, bx;
+      border_backward(r, w, g, gd != nullptr, gsd, gsh, &bz, &by, &bx, gi ? &bs : nullptr);
+      const __m256 other = _mm256_castsi256_ps(lanes_not_in(mask));
+      tz = _mm256_blendv_ps(tz, bz, other);
+      ty = _mm256_blendv_ps(ty, by, other);
+      tx = _mm256_blendv_ps(tx, bx, other);
+    }
     if (gd) {
       _mm256_storeu_ps(gd + w, tz);
       _mm256_storeu_ps(gd + gd_c + w, ty);
       _mm256_storeu_ps(gd + 2 * gd_c + w, tx);
     }
-    if (partial)  // in voxel order; the scalar code overwrites the disp gradient it computes
+    if (partial)  // in voxel order (the scalar code overwrites the disp gradient it computes)
       for (int l = 0; l < 8; ++l) {
-        if (!(mask >> l & 1))
+        if (mask >> l & 1) {
+          if (gi) scatter_voxel(gi + og[l], l, pw, gsd, gsh);
+        } else if (!border_simd) {
           fallback(w + l);
-        else if (gi)
-          scatter_voxel(gi + og[l], l, pw, gsd, gsh);
+        } else if (gi) {
+          for (int c = 0; c < 8; ++c)
+            if (bs.valid[c] >> l & 1) gi[bs.off[c][l]] += bs.wgt[c][l];
+        }
       }
   }
   for (; w < r.width; ++w) fallback(w);
