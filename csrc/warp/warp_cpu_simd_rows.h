@@ -156,8 +156,8 @@ DA_SIMD_INLINE AxisV axis8(__m256 x, int32_t size, bool border) {
   const __m256 hi = _mm256_set1_ps(static_cast<float>(border ? size - 1 : size + 1));
   AxisV a;
   const __m256 one = _mm256_set1_ps(1.f);
-  a.dsrc = border ? _mm256_and_ps(one, _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GT_OQ), _mm256_cmp_ps(x, hi, _CMP_LT_OQ)))
-                  : one;
+  const __m256 unclamped = _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GT_OQ), _mm256_cmp_ps(x, hi, _CMP_LT_OQ));
+  a.dsrc = border ? _mm256_and_ps(one, unclamped) : one;
   x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
   const __m256 f = _mm256_floor_ps(x);
   a.i0 = _mm256_cvttps_epi32(f);
@@ -404,6 +404,21 @@ DA_SIMD_INLINE unsigned run_starts(__m256i og) {
 // read-add-writes and a 3-way branch per voxel (scatter_block). 8-float vectors, not 16:
 // image gradient alone 30.5 -> 27.5 ms (2 threads, benchmark field; a 64-byte access
 // at an arbitrary offset always spans two cache lines).
+// At base + rows[r] for each image row r: lanes of m1 add a[r], then lanes of m0 add b[r]
+// (merge-masked, between one masked load and one masked store of the lanes of either).
+DA_SIMD_INLINE void add_spans(float* base, const int32_t (&rows)[4], unsigned m1, unsigned m0,
+                              const __m256 (&a)[4], const __m256 (&b)[4]) {
+  const __mmask8 k1 = static_cast<__mmask8>(m1), k0 = static_cast<__mmask8>(m0),
+                 k = static_cast<__mmask8>(m1 | m0);
+  for (int r = 0; r < 4; ++r) {
+    float* t = base + rows[r];
+    __m256 v = _mm256_maskz_loadu_ps(k, t);
+    v = _mm256_mask_add_ps(v, k1, v, a[r]);
+    v = _mm256_mask_add_ps(v, k0, v, b[r]);
+    _mm256_mask_storeu_ps(t, k, v);
+  }
+}
+
 DA_SIMD_INLINE void scatter_runs(float* q, const int32_t* og, unsigned starts, const __m256 (&w0)[4],
                                  const __m256 (&w1)[4], int32_t gsd, int32_t gsh) {
   const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);    // lane l takes lane l - 1
@@ -419,29 +434,10 @@ DA_SIMD_INLINE void scatter_runs(float* q, const int32_t* og, unsigned starts, c
     starts &= starts - 1;
     const int end = starts ? __builtin_ctz(starts) : 8;  // one past the run's last voxel
     const unsigned lanes = ((1u << end) - 1) & ~((1u << s) - 1);
-    if (end < 8) {  // positions og[s] .. og[end - 1] + 1 as lanes s .. end at og[s] - s
-      const __mmask8 m0 = static_cast<__mmask8>(lanes), m1 = static_cast<__mmask8>(lanes << 1),
-                     m = static_cast<__mmask8>(lanes | lanes << 1);
-      float* base = q + og[s] - s;
-      for (int r = 0; r < 4; ++r) {
-        float* t = base + rows[r];
-        __m256 v = _mm256_maskz_loadu_ps(m, t);
-        v = _mm256_mask_add_ps(v, m1, v, w1u[r]);
-        v = _mm256_mask_add_ps(v, m0, v, w0[r]);
-        _mm256_mask_storeu_ps(t, m, v);
-      }
-    } else {  // run s..7, s >= 1 (not a run block): lanes s - 1 .. 7 at og[s] - s + 1
-      const __mmask8 m1 = static_cast<__mmask8>(lanes), m0 = static_cast<__mmask8>(lanes >> 1),
-                     m = static_cast<__mmask8>(lanes | lanes >> 1);
-      float* base = q + og[s] - s + 1;
-      for (int r = 0; r < 4; ++r) {
-        float* t = base + rows[r];
-        __m256 v = _mm256_maskz_loadu_ps(m, t);
-        v = _mm256_mask_add_ps(v, m1, v, w1[r]);
-        v = _mm256_mask_add_ps(v, m0, v, w0d[r]);
-        _mm256_mask_storeu_ps(t, m, v);
-      }
-    }
+    if (end < 8)  // positions og[s] .. og[end - 1] + 1 as lanes s .. end at og[s] - s
+      add_spans(q + og[s] - s, rows, lanes << 1, lanes, w1u, w0);
+    else  // run s..7, s >= 1 (not a run block): lanes s - 1 .. 7 at og[s] - s + 1
+      add_spans(q + og[s] - s + 1, rows, lanes, lanes >> 1, w1, w0d);
   }
 }
 #else  // AVX2: full blocks go by scatter_block, or as one run (backward_row)
@@ -482,65 +478,65 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
     }
     __m256 tz = _mm256_setzero_ps(), ty = tz, tx = tz;
     if (mask != 0) {  // the interior voxels
-    alignas(32) int32_t o[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(o), offsets(k, r.isd, r.ish));
-    __m256i ogv = _mm256_setzero_si256();
-    if (gi) {
-      ogv = offsets(k, gsd, gsh);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(og), ogv);
-    }
-    const __m256 wz[2] = {_mm256_sub_ps(one, k.fz), k.fz}, wy[2] = {_mm256_sub_ps(one, k.fy), k.fy},
-                 wx[2] = {_mm256_sub_ps(one, k.fx), k.fx};
-    const bool run = !partial && run_block(k);
-    const float* p = r.img;
-    for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
-      const float* gc = go + c * go_c + w * go_w;
-      const __m256 g = go_w ? _mm256_loadu_ps(gc) : _mm256_set1_ps(*gc);
-      if (gd) {
-        __m256 v[2][2][2];
-        if (run)
-          run_corners(p, o[0], r.isd, r.ish, v);
-        else
-          corners(p, o, r.isd, r.ish, v);
-        const __m256 a00 = lerp8(v[0][0][0], v[0][0][1], k.fx), a01 = lerp8(v[0][1][0], v[0][1][1], k.fx);
-        const __m256 a10 = lerp8(v[1][0][0], v[1][0][1], k.fx), a11 = lerp8(v[1][1][0], v[1][1][1], k.fx);
-        tz = _mm256_add_ps(tz, _mm256_mul_ps(g, _mm256_sub_ps(lerp8(a10, a11, k.fy), lerp8(a00, a01, k.fy))));
-        ty = _mm256_add_ps(ty, _mm256_mul_ps(g, lerp8(_mm256_sub_ps(a01, a00), _mm256_sub_ps(a11, a10), k.fz)));
-        const __m256 e0 = lerp8(_mm256_sub_ps(v[0][0][1], v[0][0][0]), _mm256_sub_ps(v[0][1][1], v[0][1][0]), k.fy);
-        const __m256 e1 = lerp8(_mm256_sub_ps(v[1][0][1], v[1][0][0]), _mm256_sub_ps(v[1][1][1], v[1][1][0]), k.fy);
-        tx = _mm256_add_ps(tx, _mm256_mul_ps(g, lerp8(e0, e1, k.fz)));
-      }
+      alignas(32) int32_t o[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(o), offsets(k, r.isd, r.ish));
+      __m256i ogv = _mm256_setzero_si256();
       if (gi) {
-        __m256 w0[4], w1[4];  // image row (i, j) at 2 * i + j: x and x + 1 weights times g
-        for (int i = 0; i < 2; ++i)
-          for (int j = 0; j < 2; ++j) {
-            const __m256 wij = _mm256_mul_ps(_mm256_mul_ps(wz[i], wy[j]), g);
-            w0[2 * i + j] = _mm256_mul_ps(wij, wx[0]);
-            w1[2 * i + j] = _mm256_mul_ps(wij, wx[1]);
+        ogv = offsets(k, gsd, gsh);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(og), ogv);
+      }
+      const __m256 wz[2] = {_mm256_sub_ps(one, k.fz), k.fz}, wy[2] = {_mm256_sub_ps(one, k.fy), k.fy},
+                   wx[2] = {_mm256_sub_ps(one, k.fx), k.fx};
+      const bool run = !partial && run_block(k);
+      const float* p = r.img;
+      for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
+        const float* gc = go + c * go_c + w * go_w;
+        const __m256 g = go_w ? _mm256_loadu_ps(gc) : _mm256_set1_ps(*gc);
+        if (gd) {
+          __m256 v[2][2][2];
+          if (run)
+            run_corners(p, o[0], r.isd, r.ish, v);
+          else
+            corners(p, o, r.isd, r.ish, v);
+          const __m256 a00 = lerp8(v[0][0][0], v[0][0][1], k.fx), a01 = lerp8(v[0][1][0], v[0][1][1], k.fx);
+          const __m256 a10 = lerp8(v[1][0][0], v[1][0][1], k.fx), a11 = lerp8(v[1][1][0], v[1][1][1], k.fx);
+          tz = _mm256_add_ps(tz, _mm256_mul_ps(g, _mm256_sub_ps(lerp8(a10, a11, k.fy), lerp8(a00, a01, k.fy))));
+          ty = _mm256_add_ps(ty, _mm256_mul_ps(g, lerp8(_mm256_sub_ps(a01, a00), _mm256_sub_ps(a11, a10), k.fz)));
+          const __m256 e0 = lerp8(_mm256_sub_ps(v[0][0][1], v[0][0][0]), _mm256_sub_ps(v[0][1][1], v[0][1][0]), k.fy);
+          const __m256 e1 = lerp8(_mm256_sub_ps(v[1][0][1], v[1][0][0]), _mm256_sub_ps(v[1][1][1], v[1][1][0]), k.fy);
+          tx = _mm256_add_ps(tx, _mm256_mul_ps(g, lerp8(e0, e1, k.fz)));
+        }
+        if (gi) {
+          __m256 w0[4], w1[4];  // image row (i, j) at 2 * i + j: x and x + 1 weights times g
+          for (int i = 0; i < 2; ++i)
+            for (int j = 0; j < 2; ++j) {
+              const __m256 wij = _mm256_mul_ps(_mm256_mul_ps(wz[i], wy[j]), g);
+              w0[2 * i + j] = _mm256_mul_ps(wij, wx[0]);
+              w1[2 * i + j] = _mm256_mul_ps(wij, wx[1]);
+            }
+          float* q = gi + c * gsc;
+          if (kScatterRuns && !partial && !run) {
+            scatter_runs(q, og, run_starts(ogv), w0, w1, gsd, gsh);
+          } else if (run) {
+            // Position x0 + l of image row (i, j) receives, in the scalar order, voxel l - 1's
+            // x + 1 weight, then voxel l's x weight; x0 + 8 only voxel 7's x + 1 weight.
+            // (s + 0 == s: the sums start at +0 and never become -0.)
+            const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
+            for (int r = 0; r < 4; ++r) {
+              const __m256 prev = _mm256_blend_ps(_mm256_permutevar8x32_ps(w1[r], up), _mm256_setzero_ps(), 1);
+              float* s = q + og[0] + (r >> 1) * gsd + (r & 1) * gsh;
+              _mm256_storeu_ps(s, _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(s), prev), w0[r]));
+              s[8] += _mm256_cvtss_f32(_mm256_permutevar8x32_ps(w1[r], _mm256_set1_epi32(7)));
+            }
+          } else {
+            for (int r = 0; r < 4; ++r) {
+              _mm256_store_ps(pw[r], _mm256_unpacklo_ps(w0[r], w1[r]));
+              _mm256_store_ps(pw[r] + 8, _mm256_unpackhi_ps(w0[r], w1[r]));
+            }
+            if (!partial) scatter_block(q, og, pw, gsd, gsh);
           }
-        float* q = gi + c * gsc;
-        if (kScatterRuns && !partial && !run) {
-          scatter_runs(q, og, run_starts(ogv), w0, w1, gsd, gsh);
-        } else if (run) {
-          // Position x0 + l of image row (i, j) receives, in the scalar order, voxel l - 1's
-          // x + 1 weight, then voxel l's x weight; x0 + 8 only voxel 7's x + 1 weight.
-          // (s + 0 == s: the sums start at +0 and never become -0.)
-          const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
-          for (int r = 0; r < 4; ++r) {
-            const __m256 prev = _mm256_blend_ps(_mm256_permutevar8x32_ps(w1[r], up), _mm256_setzero_ps(), 1);
-            float* s = q + og[0] + (r >> 1) * gsd + (r & 1) * gsh;
-            _mm256_storeu_ps(s, _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(s), prev), w0[r]));
-            s[8] += _mm256_cvtss_f32(_mm256_permutevar8x32_ps(w1[r], _mm256_set1_epi32(7)));
-          }
-        } else {
-          for (int r = 0; r < 4; ++r) {
-            _mm256_store_ps(pw[r], _mm256_unpacklo_ps(w0[r], w1[r]));
-            _mm256_store_ps(pw[r] + 8, _mm256_unpackhi_ps(w0[r], w1[r]));
-          }
-          if (!partial) scatter_block(q, og, pw, gsd, gsh);
         }
       }
-    }
     }
     BorderScatter bs;
     if (border_simd) {
