@@ -95,8 +95,8 @@ SimdLevel row_simd(const Geometry& g, const Strides5& is, const Strides5& ds) {
 constexpr int64_t kAheadColumns = 4;
 
 template <typename scalar_t>
-RowArgs simd_row(const Geometry& g, const scalar_t* img_b, const Strides5& is,
-                       const scalar_t* disp, const Strides5& ds, int64_t b, int64_t d, int64_t h) {
+RowArgs simd_row(const Geometry& g, const scalar_t* img_b, const Strides5& is, const scalar_t* disp,
+                 const Strides5& ds, int64_t b, int64_t d, int64_t h) {
   RowArgs r;
   if constexpr (std::is_same<scalar_t, float>::value) {
     const Row<scalar_t> row(disp, ds, b, d, h);
@@ -331,8 +331,9 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
           const float* gorow = go + b * gs.b + d * gs.d + h * gs.h;
           const auto sd = static_cast<int32_t>(ris.d), sh = static_cast<int32_t>(ris.h);
           float* gdrow = need_disp ? gd + b * rds.b + d * rds.d + h * rds.h : nullptr;
-          // The AVX-512 copy differs in the image-gradient scatter only: backward with both
-          // gradients ~17 % faster, disp gradient alone a few % slower (2 threads, benchmark field).
+          // The AVX-512 copy differs in the image-gradient scatter only (scatter_runs: backward
+          // with both gradients 63 -> 43 ms, 2 threads, benchmark field); for the disp gradient
+          // alone it measured a few % slower.
           if (level == SimdLevel::Avx512 && need_image)
             return avx512::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, voxel);
           return avx2::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, voxel);
