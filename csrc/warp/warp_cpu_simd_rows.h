@@ -2,8 +2,9 @@
 // a time, the corner pairs (x, x + 1) fetched with 64-bit loads (plain vector loads when the 8
 // cells are one run along x). They perform the operations of warp_math.h in the same order and
 // without FMA (the build passes -ffp-contract=off), so their results are bit-identical to the
-// scalar path (the tests assert this). The forward also computes the voxels that are not
-// strictly interior (border_lanes); the backward hands those, and both hand row tails, back to
+// scalar path (the tests assert this). The voxels that are not strictly interior are computed
+// in vector form too (border_lanes, border_backward; the backward's only for one channel); the
+// rest (row tails, the backward's non-interior voxels of multi-channel images) goes back to
 // the scalar code through a callback.
 //
 // No include guard: warp_cpu_simd.h includes this file once per instruction set, inside
@@ -13,8 +14,7 @@
 
 // Locations of 8 voxels starting at w. Returns the bit mask of the strictly interior ones
 // (as strictly_interior); the others get cell 0 so that the corner loads stay inside the
-// volume, and the callers recompute them (border_lanes in the forward, the scalar code in the
-// backward).
+// volume, and the callers recompute them (border_lanes, border_backward or the scalar code).
 struct Block {
   __m256 fz, fy, fx;
   __m256i iz, iy, ix;
@@ -393,17 +393,6 @@ DA_SIMD_INLINE unsigned run_starts(__m256i og) {
   return ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(cont))) & 0xFFu;  // lane 0 always
 }
 
-// Scatter of a block with 8 interior voxels that is not one run (run blocks take the
-// backward's run path), run by run (runs: see run_starts; 3.3 per block on the benchmark
-// field). Run s..e covers positions og[s] .. og[e] + 1 of each of the 4 image rows, as lanes
-// s..e + 1 of an 8-float vector at og[s] - s (at og[s] - s + 1, lanes s - 1..7, when e = 7):
-// a position receives voxel l - 1's x + 1 weight (w1), then voxel l's x weight (w0), the
-// scalar order, by two merge-masked adds between one masked load and one masked store. Runs
-// go in lane order, so a position two runs share also receives its weights in voxel order:
-// bit-identical to scatter_voxel, with 4 vector read-add-writes per run in place of 4 pair
-// read-add-writes and a 3-way branch per voxel (scatter_block). 8-float vectors, not 16:
-// image gradient alone 30.5 -> 27.5 ms (2 threads, benchmark field; a 64-byte access
-// at an arbitrary offset always spans two cache lines).
 // At base + rows[r] for each image row r: lanes of m1 add a[r], then lanes of m0 add b[r]
 // (merge-masked, between one masked load and one masked store of the lanes of either).
 DA_SIMD_INLINE void add_spans(float* base, const int32_t (&rows)[4], unsigned m1, unsigned m0,
@@ -419,6 +408,17 @@ DA_SIMD_INLINE void add_spans(float* base, const int32_t (&rows)[4], unsigned m1
   }
 }
 
+// Scatter of a block with 8 interior voxels that is not one run (run blocks take the
+// backward's run path), run by run (runs: see run_starts; 3.3 per block on the benchmark
+// field). Run s..e covers positions og[s] .. og[e] + 1 of each of the 4 image rows, as lanes
+// s..e + 1 of an 8-float vector at og[s] - s (at og[s] - s + 1, lanes s - 1..7, when e = 7):
+// a position receives voxel l - 1's x + 1 weight (w1), then voxel l's x weight (w0), the
+// scalar order, by two merge-masked adds between one masked load and one masked store. Runs
+// go in lane order, so a position two runs share also receives its weights in voxel order:
+// bit-identical to scatter_voxel, with 4 vector read-add-writes per run in place of 4 pair
+// read-add-writes and a 3-way branch per voxel (scatter_block). 8-float vectors, not 16:
+// image gradient alone 30.5 -> 27.5 ms (2 threads, benchmark field; a 64-byte access
+// at an arbitrary offset always spans two cache lines).
 DA_SIMD_INLINE void scatter_runs(float* q, const int32_t* og, unsigned starts, const __m256 (&w0)[4],
                                  const __m256 (&w1)[4], int32_t gsd, int32_t gsh) {
   const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);    // lane l takes lane l - 1
