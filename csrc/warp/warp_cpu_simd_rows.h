@@ -3,9 +3,8 @@
 // cells are one run along x). They perform the operations of warp_math.h in the same order and
 // without FMA (the build passes -ffp-contract=off), so their results are bit-identical to the
 // scalar path (the tests assert this). The voxels that are not strictly interior are computed
-// in vector form too (border_lanes, border_backward; the backward's only for one channel); the
-// rest (row tails, the backward's non-interior voxels of multi-channel images) goes back to
-// the scalar code through a callback.
+// in vector form too (border_lanes, Border); row tails go back to the scalar code through a
+// callback.
 //
 // No include guard: warp_cpu_simd.h includes this file once per instruction set, inside
 // namespaces avx2 and avx512, with DA_SIMD / DA_SIMD_INLINE giving the target attribute and
@@ -14,7 +13,7 @@
 
 // Locations of 8 voxels starting at w. Returns the bit mask of the strictly interior ones
 // (as strictly_interior); the others get cell 0 so that the corner loads stay inside the
-// volume, and the callers recompute them (border_lanes, border_backward or the scalar code).
+// volume, and the callers recompute them (border_lanes, Border).
 struct Block {
   __m256 fz, fy, fx;
   __m256i iz, iy, ix;
@@ -243,56 +242,70 @@ DA_SIMD_INLINE void border_lanes(const RowArgs& r, int64_t w, int mask, float* o
   }
 }
 
-// The scatter of a block's non-interior voxels, for the caller to add in voxel order: corner
-// c = 4 i + 2 j + k of lane l adds wgt[c][l] at off[c][l] if bit l of valid[c] is set.
-struct BorderScatter {
-  alignas(32) int32_t off[8][8];
-  alignas(32) float wgt[8][8];
-  int valid[8];
-};
-
 // ((a * b) * c) * d in the lanes of `valid`, +0 in the others.
 DA_SIMD_INLINE __m256 product4(__m256 a, __m256 b, __m256 c, __m256 d, __m256 valid) {
   return _mm256_and_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(a, b), c), d), valid);
 }
 
-// backward_voxel's general linear path for the lanes of the block at w that are not strictly
-// interior, one channel (gradient g): returns their disp gradient in *tz, *ty, *tx (the other
-// lanes: unspecified) and, if bs, their scatter. Same products in the same order as the scalar
-// code: per inside corner, tz += ((v * sign_i) * wy) * wx etc. with v = g * image value (an
-// outside corner adds +0, as in border_lanes), then times dsrc; the weights ((wz * wy) * wx) * g.
-// Non-finite locations: (z + y + x) * 0 and no scatter.
-DA_SIMD_INLINE void border_backward(const RowArgs& r, int64_t w, __m256 g, bool need_disp, int32_t gsd,
-                                    int32_t gsh, __m256* tz, __m256* ty, __m256* tx, BorderScatter* bs) {
-  const Stencil8 s = stencil8(r, w);
-  const __m256 zero = _mm256_setzero_ps(), minus = _mm256_set1_ps(-1.f), plus = _mm256_set1_ps(1.f);
-  const __m256 sign[2] = {minus, plus};
-  __m256 az = zero, ay = zero, ax = zero;
-  __m256i off[2][2][2], goff[2][2][2];  // in the image and in its gradient
-  corner_offsets(s, r.isd, r.ish, off);
-  corner_offsets(s, gsd, gsh, goff);
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j)
-      for (int k = 0; k < 2; ++k) {
-        const __m256 valid = s.valid[i][j][k];
-        if (need_disp) {
-          const __m256 v = _mm256_mul_ps(g, _mm256_mask_i32gather_ps(zero, r.img, off[i][j][k], valid, 4));
-          az = _mm256_add_ps(az, product4(v, sign[i], s.wy[j], s.wx[k], valid));
-          ay = _mm256_add_ps(ay, product4(v, s.wz[i], sign[j], s.wx[k], valid));
-          ax = _mm256_add_ps(ax, product4(v, s.wz[i], s.wy[j], sign[k], valid));
+// backward_voxel's general linear path for the lanes of a block that are not strictly interior,
+// channel by channel: the stencil once (init), then per channel (add) the disp
+// gradient terms and the scatter weights, in the scalar code's order: per inside corner,
+// tz += ((v * sign_i) * wy) * wx etc. with v = g * image value (an outside corner adds +0, as
+// in border_lanes), the weight ((wz * wy) * wx) * g; finally (finish) times dsrc, and
+// (z + y + x) * 0 at non-finite locations, which scatter nothing. The caller adds the scatter
+// in voxel order: corner c = 4 i + 2 j + k of lane l adds wgt[c][l] at off[c][l] if bit l of
+// valid[c] is set.
+struct Border {
+  Stencil8 s;
+  __m256i img_off[2][2][2];
+  alignas(32) int32_t off[8][8];  // in the image gradient
+  alignas(32) float wgt[8][8];    // of the channel last added
+  int valid[8];
+  __m256 az, ay, ax;              // disp gradient sums over the channels so far
+
+  DA_SIMD_INLINE void init(const RowArgs& r, int64_t w, int32_t gsd, int32_t gsh) {
+    s = stencil8(r, w);
+    corner_offsets(s, r.isd, r.ish, img_off);
+    __m256i goff[2][2][2];
+    corner_offsets(s, gsd, gsh, goff);
+    for (int c = 0; c < 8; ++c) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(off[c]), goff[c >> 2][c >> 1 & 1][c & 1]);
+      valid[c] = _mm256_movemask_ps(s.valid[c >> 2][c >> 1 & 1][c & 1]);
+    }
+    az = ay = ax = _mm256_setzero_ps();
+  }
+
+  // Channel image p, gradient g; the disp terms if need_disp, the weights if need_image.
+  DA_SIMD_INLINE void add(const float* p, __m256 g, bool need_disp, bool need_image) {
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 sign[2] = {_mm256_set1_ps(-1.f), _mm256_set1_ps(1.f)};
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j)
+        for (int k = 0; k < 2; ++k) {
+          const __m256 in = s.valid[i][j][k];
+          if (need_disp) {
+            const __m256 v = _mm256_mul_ps(g, _mm256_mask_i32gather_ps(zero, p, img_off[i][j][k], in, 4));
+            az = _mm256_add_ps(az, product4(v, sign[i], s.wy[j], s.wx[k], in));
+            ay = _mm256_add_ps(ay, product4(v, s.wz[i], sign[j], s.wx[k], in));
+            ax = _mm256_add_ps(ax, product4(v, s.wz[i], s.wy[j], sign[k], in));
+          }
+          if (need_image) _mm256_store_ps(wgt[4 * i + 2 * j + k], _mm256_mul_ps(s.wgt[i][j][k], g));
         }
-        if (bs) {
-          const int c = 4 * i + 2 * j + k;
-          _mm256_store_si256(reinterpret_cast<__m256i*>(bs->off[c]), goff[i][j][k]);
-          _mm256_store_ps(bs->wgt[c], _mm256_mul_ps(s.wgt[i][j][k], g));
-          bs->valid[c] = _mm256_movemask_ps(valid);
-        }
-      }
-  const __m256 nan = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(s.z, s.y), s.x), zero);
-  *tz = _mm256_blendv_ps(nan, _mm256_mul_ps(az, s.az.dsrc), s.fin);
-  *ty = _mm256_blendv_ps(nan, _mm256_mul_ps(ay, s.ay.dsrc), s.fin);
-  *tx = _mm256_blendv_ps(nan, _mm256_mul_ps(ax, s.ax.dsrc), s.fin);
-}
+  }
+
+  DA_SIMD_INLINE void finish(__m256* tz, __m256* ty, __m256* tx) const {
+    const __m256 nan = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(s.z, s.y), s.x), _mm256_setzero_ps());
+    *tz = _mm256_blendv_ps(nan, _mm256_mul_ps(az, s.az.dsrc), s.fin);
+    *ty = _mm256_blendv_ps(nan, _mm256_mul_ps(ay, s.ay.dsrc), s.fin);
+    *tx = _mm256_blendv_ps(nan, _mm256_mul_ps(ax, s.ax.dsrc), s.fin);
+  }
+
+  // Lane l's scatter of the channel last added into q (that channel of the image gradient).
+  DA_SIMD_INLINE void scatter(float* q, int l) const {
+    for (int c = 0; c < 8; ++c)
+      if (valid[c] >> l & 1) q[off[c][l]] += wgt[c][l];
+  }
+};
 
 // Forward of one output row: out[c * out_c + w] for w in [0, width). fallback(w) computes one
 // voxel with the scalar code (row tails).
@@ -465,84 +478,89 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
       if (gi) prefetch_cell(gi, gsd, gsh, ahead);
       if (gd) prefetch_cell(r.img, r.isd, r.ish, ahead);
     }
-    Block k;
+    Block k = {};  // (interior_block sets it only if mask != 0)
     const int mask = interior_block(r, w, &k);
     const bool partial = mask != 0xFF;
-    // Non-interior voxels: with one channel in vector form (border_backward), else by the
-    // scalar code; a partial block keeps the scalar scatter order only with one channel (voxel
-    // order inside every channel), so with more the whole block goes scalar.
-    const bool border_simd = partial && r.channels == 1;
-    if (!border_simd && (mask == 0 || (partial && gi))) {
-      for (int l = 0; l < 8; ++l) fallback(w + l);
-      continue;
-    }
-    __m256 tz = _mm256_setzero_ps(), ty = tz, tx = tz;
-    if (mask != 0) {  // the interior voxels
-      alignas(32) int32_t o[8];
+    alignas(32) int32_t o[8];
+    __m256i ogv = _mm256_setzero_si256();
+    __m256 wz[2] = {}, wy[2] = {}, wx[2] = {};
+    if (mask != 0) {
       _mm256_store_si256(reinterpret_cast<__m256i*>(o), offsets(k, r.isd, r.ish));
-      __m256i ogv = _mm256_setzero_si256();
       if (gi) {
         ogv = offsets(k, gsd, gsh);
         _mm256_store_si256(reinterpret_cast<__m256i*>(og), ogv);
       }
-      const __m256 wz[2] = {_mm256_sub_ps(one, k.fz), k.fz}, wy[2] = {_mm256_sub_ps(one, k.fy), k.fy},
-                   wx[2] = {_mm256_sub_ps(one, k.fx), k.fx};
-      const bool run = !partial && run_block(k);
-      const float* p = r.img;
-      for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
-        const float* gc = go + c * go_c + w * go_w;
-        const __m256 g = go_w ? _mm256_loadu_ps(gc) : _mm256_set1_ps(*gc);
-        if (gd) {
-          __m256 v[2][2][2];
-          if (run)
-            run_corners(p, o[0], r.isd, r.ish, v);
-          else
-            corners(p, o, r.isd, r.ish, v);
-          const __m256 a00 = lerp8(v[0][0][0], v[0][0][1], k.fx), a01 = lerp8(v[0][1][0], v[0][1][1], k.fx);
-          const __m256 a10 = lerp8(v[1][0][0], v[1][0][1], k.fx), a11 = lerp8(v[1][1][0], v[1][1][1], k.fx);
-          tz = _mm256_add_ps(tz, _mm256_mul_ps(g, _mm256_sub_ps(lerp8(a10, a11, k.fy), lerp8(a00, a01, k.fy))));
-          ty = _mm256_add_ps(ty, _mm256_mul_ps(g, lerp8(_mm256_sub_ps(a01, a00), _mm256_sub_ps(a11, a10), k.fz)));
-          const __m256 e0 = lerp8(_mm256_sub_ps(v[0][0][1], v[0][0][0]), _mm256_sub_ps(v[0][1][1], v[0][1][0]), k.fy);
-          const __m256 e1 = lerp8(_mm256_sub_ps(v[1][0][1], v[1][0][0]), _mm256_sub_ps(v[1][1][1], v[1][1][0]), k.fy);
-          tx = _mm256_add_ps(tx, _mm256_mul_ps(g, lerp8(e0, e1, k.fz)));
-        }
-        if (gi) {
-          __m256 w0[4], w1[4];  // image row (i, j) at 2 * i + j: x and x + 1 weights times g
-          for (int i = 0; i < 2; ++i)
-            for (int j = 0; j < 2; ++j) {
-              const __m256 wij = _mm256_mul_ps(_mm256_mul_ps(wz[i], wy[j]), g);
-              w0[2 * i + j] = _mm256_mul_ps(wij, wx[0]);
-              w1[2 * i + j] = _mm256_mul_ps(wij, wx[1]);
-            }
-          float* q = gi + c * gsc;
-          if (kScatterRuns && !partial && !run) {
-            scatter_runs(q, og, run_starts(ogv), w0, w1, gsd, gsh);
-          } else if (run) {
-            // Position x0 + l of image row (i, j) receives, in the scalar order, voxel l - 1's
-            // x + 1 weight, then voxel l's x weight; x0 + 8 only voxel 7's x + 1 weight.
-            // (s + 0 == s: the sums start at +0 and never become -0.)
-            const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
-            for (int r = 0; r < 4; ++r) {
-              const __m256 prev = _mm256_blend_ps(_mm256_permutevar8x32_ps(w1[r], up), _mm256_setzero_ps(), 1);
-              float* s = q + og[0] + (r >> 1) * gsd + (r & 1) * gsh;
-              _mm256_storeu_ps(s, _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(s), prev), w0[r]));
-              s[8] += _mm256_cvtss_f32(_mm256_permutevar8x32_ps(w1[r], _mm256_set1_epi32(7)));
-            }
-          } else {
-            for (int r = 0; r < 4; ++r) {
-              _mm256_store_ps(pw[r], _mm256_unpacklo_ps(w0[r], w1[r]));
-              _mm256_store_ps(pw[r] + 8, _mm256_unpackhi_ps(w0[r], w1[r]));
-            }
-            if (!partial) scatter_block(q, og, pw, gsd, gsh);
+      wz[0] = _mm256_sub_ps(one, k.fz), wz[1] = k.fz;
+      wy[0] = _mm256_sub_ps(one, k.fy), wy[1] = k.fy;
+      wx[0] = _mm256_sub_ps(one, k.fx), wx[1] = k.fx;
+    }
+    const bool run = !partial && run_block(k);
+    // The non-interior voxels (partial blocks): in vector form, their scatter added per
+    // channel in voxel order between the interior voxels' (the scalar order within a channel).
+    Border border;
+    if (partial) border.init(r, w, gsd, gsh);
+    __m256 tz = _mm256_setzero_ps(), ty = tz, tx = tz;
+    const float* p = r.img;
+    for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
+      const float* gc = go + c * go_c + w * go_w;
+      const __m256 g = go_w ? _mm256_loadu_ps(gc) : _mm256_set1_ps(*gc);
+      if (gd && mask != 0) {
+        __m256 v[2][2][2];
+        if (run)
+          run_corners(p, o[0], r.isd, r.ish, v);
+        else
+          corners(p, o, r.isd, r.ish, v);
+        const __m256 a00 = lerp8(v[0][0][0], v[0][0][1], k.fx), a01 = lerp8(v[0][1][0], v[0][1][1], k.fx);
+        const __m256 a10 = lerp8(v[1][0][0], v[1][0][1], k.fx), a11 = lerp8(v[1][1][0], v[1][1][1], k.fx);
+        tz = _mm256_add_ps(tz, _mm256_mul_ps(g, _mm256_sub_ps(lerp8(a10, a11, k.fy), lerp8(a00, a01, k.fy))));
+        ty = _mm256_add_ps(ty, _mm256_mul_ps(g, lerp8(_mm256_sub_ps(a01, a00), _mm256_sub_ps(a11, a10), k.fz)));
+        const __m256 e0 = lerp8(_mm256_sub_ps(v[0][0][1], v[0][0][0]), _mm256_sub_ps(v[0][1][1], v[0][1][0]), k.fy);
+        const __m256 e1 = lerp8(_mm256_sub_ps(v[1][0][1], v[1][0][0]), _mm256_sub_ps(v[1][1][1], v[1][1][0]), k.fy);
+        tx = _mm256_add_ps(tx, _mm256_mul_ps(g, lerp8(e0, e1, k.fz)));
+      }
+      if (partial) border.add(p, g, gd != nullptr, gi != nullptr);
+      if (!gi) continue;
+      float* q = gi + c * gsc;
+      if (mask != 0) {
+        __m256 w0[4], w1[4];  // image row (i, j) at 2 * i + j: x and x + 1 weights times g
+        for (int i = 0; i < 2; ++i)
+          for (int j = 0; j < 2; ++j) {
+            const __m256 wij = _mm256_mul_ps(_mm256_mul_ps(wz[i], wy[j]), g);
+            w0[2 * i + j] = _mm256_mul_ps(wij, wx[0]);
+            w1[2 * i + j] = _mm256_mul_ps(wij, wx[1]);
           }
+        if (kScatterRuns && !partial && !run) {
+          scatter_runs(q, og, run_starts(ogv), w0, w1, gsd, gsh);
+        } else if (run) {
+          // Position x0 + l of image row (i, j) receives, in the scalar order, voxel l - 1's
+          // x + 1 weight, then voxel l's x weight; x0 + 8 only voxel 7's x + 1 weight.
+          // (s + 0 == s: the sums start at +0 and never become -0.)
+          const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
+          for (int r = 0; r < 4; ++r) {
+            const __m256 prev = _mm256_blend_ps(_mm256_permutevar8x32_ps(w1[r], up), _mm256_setzero_ps(), 1);
+            float* s = q + og[0] + (r >> 1) * gsd + (r & 1) * gsh;
+            _mm256_storeu_ps(s, _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(s), prev), w0[r]));
+            s[8] += _mm256_cvtss_f32(_mm256_permutevar8x32_ps(w1[r], _mm256_set1_epi32(7)));
+          }
+        } else {
+          for (int r = 0; r < 4; ++r) {
+            _mm256_store_ps(pw[r], _mm256_unpacklo_ps(w0[r], w1[r]));
+            _mm256_store_ps(pw[r] + 8, _mm256_unpackhi_ps(w0[r], w1[r]));
+          }
+          if (!partial) scatter_block(q, og, pw, gsd, gsh);
         }
       }
+      if (partial)  // this channel, in voxel order
+        for (int l = 0; l < 8; ++l) {
+          if (mask >> l & 1)
+            scatter_voxel(q + og[l], l, pw, gsd, gsh);
+          else
+            border.scatter(q, l);
+        }
     }
-    BorderScatter bs;
-    if (border_simd) {
-      const __m256 g = go_w ? _mm256_loadu_ps(go + w) : _mm256_set1_ps(*go);
+    if (partial) {
       __m256 bz, by, bx;
-      border_backward(r, w, g, gd != nullptr, gsd, gsh, &bz, &by, &bx, gi ? &bs : nullptr);
+      border.finish(&bz, &by, &bx);
       const __m256 other = _mm256_castsi256_ps(lanes_not_in(mask));
       tz = _mm256_blendv_ps(tz, bz, other);
       ty = _mm256_blendv_ps(ty, by, other);
@@ -553,17 +571,6 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
       _mm256_storeu_ps(gd + gd_c + w, ty);
       _mm256_storeu_ps(gd + 2 * gd_c + w, tx);
     }
-    if (partial)  // in voxel order (the scalar code overwrites the disp gradient it computes)
-      for (int l = 0; l < 8; ++l) {
-        if (mask >> l & 1) {
-          if (gi) scatter_voxel(gi + og[l], l, pw, gsd, gsh);
-        } else if (!border_simd) {
-          fallback(w + l);
-        } else if (gi) {
-          for (int c = 0; c < 8; ++c)
-            if (bs.valid[c] >> l & 1) gi[bs.off[c][l]] += bs.wgt[c][l];
-        }
-      }
   }
   for (; w < r.width; ++w) fallback(w);
 }
