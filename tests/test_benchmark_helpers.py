@@ -143,3 +143,13 @@ def test_warp_memory_probe_keeps_every_voxel_on_the_same_stencil():
     assert interior.float().mean() > 0.5
     out, out2 = da.warp(big, disp), da.warp(small, folded)
     torch.testing.assert_close(out2[0, 0][interior], out[0, 0][interior], rtol=1e-9, atol=1e-9)
+
+
+def test_warp_simd_levels_times_every_level_and_checks_their_bits(monkeypatch):
+    tool = _tool("warp_simd_levels")
+    t = tool.time_levels((16, 6, 24), ["0", "avx2", "1"], rounds=2, warmup=1)
+    assert set(t) == set(tool.CASES) and all(set(row) == {"0", "avx2", "1"} for row in t.values())
+    assert all(v > 0 for row in t.values() for v in row.values())
+    monkeypatch.setattr(tool.torch, "equal", lambda a, b: False)  # a level that differs is reported
+    with pytest.raises(AssertionError, match="differs"):
+        tool.time_levels((16, 6, 24), ["0", "1"], rounds=1, warmup=0)

@@ -1,0 +1,87 @@
+"""The CPU warp's SIMD levels timed against each other in one process.
+
+    python tools/warp_simd_levels.py [--shape 160 192 224] [--levels avx2 1] [--rounds 7]
+
+On the benchmark's displacement (benchmarks.common.smooth_displacement), one channel: the
+forward and the backward (both gradients, image gradient only, displacement gradient only)
+at each DEEPATLAS_FAST_SIMD level (0: scalar code, avx2: AVX2 rows, 1: the best rows the CPU
+runs; the kernels read the variable at every call). The levels are timed in alternating rounds
+after warm-up rounds (this VM's speed drifts within a run); each level's results are checked
+to be bit-identical to the first level's. Prints the median per case and level (ms).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # benchmarks/ (after installed packages)
+from benchmarks.common import DEFAULT_SHAPE, smooth_displacement  # noqa: E402
+
+CASES = {"forward": None, "backward, both gradients": [True, True],
+         "backward, image gradient": [True, False], "backward, disp gradient": [False, True]}
+
+
+def time_levels(shape, levels, rounds: int = 7, warmup: int = 10) -> dict:
+    """{case: {level: median seconds}}; raises if a level's results differ from the first's."""
+    ops = torch.ops.deepatlas_fast
+    torch.manual_seed(0)
+    image, grad = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
+    disp = smooth_displacement(shape)
+
+    def call(mask):
+        if mask is None:
+            return (ops.warp(image, disp, "linear", "zeros"),)
+        return ops.warp_backward(grad, image, disp, "linear", "zeros", mask)
+
+    old = os.environ.get("DEEPATLAS_FAST_SIMD")
+    times = {case: {level: [] for level in levels} for case in CASES}
+    ref = {}  # the first level's results
+    try:
+        for r in range(warmup + rounds):
+            for level in levels:
+                os.environ["DEEPATLAS_FAST_SIMD"] = level
+                for case, mask in CASES.items():
+                    t0 = time.perf_counter()
+                    out = call(mask)
+                    if r >= warmup:
+                        times[case][level].append(time.perf_counter() - t0)
+                    if r == 0 and level == levels[0]:
+                        ref[case] = out
+                    elif r == 0:  # compare the bits once
+                        if not all(torch.equal(a, b) for a, b in zip(ref[case], out)):
+                            raise AssertionError(f"{case}: level {level} differs from level {levels[0]}")
+    finally:
+        if old is None:
+            os.environ.pop("DEEPATLAS_FAST_SIMD", None)
+        else:
+            os.environ["DEEPATLAS_FAST_SIMD"] = old
+    return {case: {level: statistics.median(t) for level, t in row.items()} for case, row in times.items()}
+
+
+def main(argv=None) -> int:
+    import deepatlas_fast as da
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=int, nargs=3, default=DEFAULT_SHAPE, metavar=("D", "H", "W"))
+    p.add_argument("--levels", nargs="+", default=["avx2", "1"])
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args(argv)
+    # benchmarks/ imports the installed package first: say which build is timed.
+    print(f"warp of {Path(da.__file__).parent}, {tuple(args.shape)}, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} rounds (ms)")
+    times = time_levels(tuple(args.shape), args.levels, args.rounds)
+    print("| case | " + " | ".join(f"DEEPATLAS_FAST_SIMD={lv}" for lv in args.levels) + " |")
+    print("|---|" + "---:|" * len(args.levels))
+    for case, row in times.items():
+        print(f"| {case} | " + " | ".join(f"{row[lv] * 1e3:.1f}" for lv in args.levels) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
