@@ -239,42 +239,6 @@ def smooth_disp(b, shape, magnitude, dtype=torch.float64, seed=0):
 SIMD_LEVELS = ["0", "avx2", "1"]  # scalar code, AVX2 rows, the best rows this CPU runs (AVX-512 here)
 
 
-def both_paths(monkeypatch, image, disp, g, mode, padding, levels=SIMD_LEVELS):
-    """Forward and both gradients at each DEEPATLAS_FAST_SIMD level (scalar first)."""
-    results = []
-    for flag in levels:
-        monkeypatch.setenv("DEEPATLAS_FAST_SIMD", flag)
-        out = da.warp(image, disp, mode=mode, padding=padding)
-        results.append((out, *backward_pair(lambda i, d: da.warp(i, d, mode=mode, padding=padding), image, disp, g)))
-    return results
-
-
-@pytest.mark.parametrize("padding", PADS)
-@pytest.mark.parametrize("c, in_shape, out_shape", [(1, (9, 10, 21), (9, 10, 21)), (3, (7, 8, 17), (6, 9, 19)),
-                                                    (2, (12, 11, 24), (10, 8, 16))])
-def test_simd_path_bit_identical_to_scalar_and_close_to_float64(monkeypatch, padding, c, in_shape, out_shape):
-    """Row tails (W not a multiple of 8), blocks mixing interior and border voxels, NaN, C > 1,
-    a broadcast gradient: the AVX2 path must give the scalar path's bits."""
-    image = torch.randn(2, c, *in_shape, dtype=torch.float64)
-    disp = smooth_disp(2, out_shape, 2.0) + 0.3 * torch.randn(2, 3, *out_shape, dtype=torch.float64)
-    disp[0, 0, 1, 2, 3] = float("nan")
-    disp[1, 2, 2, 3, 9] = float("nan")
-    ref = warp_reference(image, disp, "linear", padding)
-    g = torch.randn_like(ref)
-    ri, rd = backward_pair(lambda i, d: warp_reference(i, d, "linear", padding), image, disp, g)
-    for grad in [g.float(), torch.ones(1).float().expand_as(g)]:
-        (o0, i0, d0), *simd = both_paths(monkeypatch, image.float(), disp.float(), grad, "linear", padding)
-        for o1, i1, d1 in simd:
-            assert torch.equal(o0.nan_to_num(7.0), o1.nan_to_num(7.0))
-            assert torch.equal(i0, i1) and torch.equal(d0.nan_to_num(7.0), d1.nan_to_num(7.0))
-    ok = disp.isfinite().all(1, keepdim=True)  # ours is NaN at NaN locations, grid_sample 0
-    assert o1.isnan().sum() == c * (~ok).sum()
-    torch.testing.assert_close(torch.where(ok, o1.double(), 0), torch.where(ok, ref, 0), rtol=1e-5, atol=1e-5)
-    (o1, i1, d1), = both_paths(monkeypatch, image.float(), disp.float(), g.float(), "linear", padding, ["1"])
-    torch.testing.assert_close(i1.double(), ri, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(torch.where(ok, d1.double(), 0), torch.where(ok, rd, 0), rtol=1e-4, atol=1e-4)
-
-
 def at_simd_level(level, fn):
     """fn() with DEEPATLAS_FAST_SIMD=level (read by the kernels at every call)."""
     old = os.environ.get("DEEPATLAS_FAST_SIMD")
@@ -286,6 +250,40 @@ def at_simd_level(level, fn):
             del os.environ["DEEPATLAS_FAST_SIMD"]
         else:
             os.environ["DEEPATLAS_FAST_SIMD"] = old
+
+
+def both_paths(image, disp, g, mode, padding, levels=SIMD_LEVELS):
+    """Forward and both gradients at each DEEPATLAS_FAST_SIMD level (scalar first)."""
+    def run():
+        out = da.warp(image, disp, mode=mode, padding=padding)
+        return (out, *backward_pair(lambda i, d: da.warp(i, d, mode=mode, padding=padding), image, disp, g))
+    return [at_simd_level(level, run) for level in levels]
+
+
+@pytest.mark.parametrize("padding", PADS)
+@pytest.mark.parametrize("c, in_shape, out_shape", [(1, (9, 10, 21), (9, 10, 21)), (3, (7, 8, 17), (6, 9, 19)),
+                                                    (2, (12, 11, 24), (10, 8, 16))])
+def test_simd_path_bit_identical_to_scalar_and_close_to_float64(padding, c, in_shape, out_shape):
+    """Row tails (W not a multiple of 8), blocks mixing interior and border voxels, NaN, C > 1,
+    a broadcast gradient: the AVX2 path must give the scalar path's bits."""
+    image = torch.randn(2, c, *in_shape, dtype=torch.float64)
+    disp = smooth_disp(2, out_shape, 2.0) + 0.3 * torch.randn(2, 3, *out_shape, dtype=torch.float64)
+    disp[0, 0, 1, 2, 3] = float("nan")
+    disp[1, 2, 2, 3, 9] = float("nan")
+    ref = warp_reference(image, disp, "linear", padding)
+    g = torch.randn_like(ref)
+    ri, rd = backward_pair(lambda i, d: warp_reference(i, d, "linear", padding), image, disp, g)
+    for grad in [g.float(), torch.ones(1).float().expand_as(g)]:
+        (o0, i0, d0), *simd = both_paths(image.float(), disp.float(), grad, "linear", padding)
+        for o1, i1, d1 in simd:
+            assert torch.equal(o0.nan_to_num(7.0), o1.nan_to_num(7.0))
+            assert torch.equal(i0, i1) and torch.equal(d0.nan_to_num(7.0), d1.nan_to_num(7.0))
+    ok = disp.isfinite().all(1, keepdim=True)  # ours is NaN at NaN locations, grid_sample 0
+    assert o1.isnan().sum() == c * (~ok).sum()
+    torch.testing.assert_close(torch.where(ok, o1.double(), 0), torch.where(ok, ref, 0), rtol=1e-5, atol=1e-5)
+    (o1, i1, d1), = both_paths(image.float(), disp.float(), g.float(), "linear", padding, ["1"])
+    torch.testing.assert_close(i1.double(), ri, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.where(ok, d1.double(), 0), torch.where(ok, rd, 0), rtol=1e-4, atol=1e-4)
 
 
 @st.composite

@@ -40,7 +40,10 @@ DA_SIMD_INLINE int interior_block(const RowArgs& r, int64_t w, Block* k) {
   in = _mm256_and_ps(in, _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ),
                                        _mm256_cmp_ps(x, _mm256_set1_ps(r.lim.w), _CMP_LT_OQ)));
   const int mask = _mm256_movemask_ps(in);
-  if (mask == 0) return 0;
+  if (mask == 0) {  // no interior voxel: k unused (set so that it is never read uninitialised)
+    *k = Block();
+    return 0;
+  }
   // Positive values: truncation is floor (interior_cell).
   const __m256i keep = _mm256_castps_si256(in);
   k->iz = _mm256_and_si256(_mm256_cvttps_epi32(z), keep);
@@ -478,7 +481,7 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
       if (gi) prefetch_cell(gi, gsd, gsh, ahead);
       if (gd) prefetch_cell(r.img, r.isd, r.ish, ahead);
     }
-    Block k = {};  // (interior_block sets it only if mask != 0)
+    Block k;
     const int mask = interior_block(r, w, &k);
     const bool partial = mask != 0xFF;
     alignas(32) int32_t o[8];
