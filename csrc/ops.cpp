@@ -2,6 +2,8 @@
 // Kernels register per backend in <op>/<op>_cpu.cpp and <op>/<op>_cuda.cu.
 #include <torch/library.h>
 
+#include "common/cpu_memory.h"
+
 TORCH_LIBRARY(deepatlas_fast, m) {
   // out[b, c, x] = image[b, c, x + disp[b, :, x]] (voxel units, channels d, h, w).
   // mode: "linear" | "nearest"; padding: "zeros" | "border".
@@ -21,4 +23,8 @@ TORCH_LIBRARY(deepatlas_fast, m) {
   // Gradients (probs, target) of soft_dice_sums for grad_sums [B, C, 3]; an integer target
   // gets no gradient (empty tensor).
   m.def("soft_dice_sums_backward(Tensor grad_sums, Tensor probs, Tensor target, bool from_logits, bool[2] output_mask) -> (Tensor, Tensor)");
+  // The cache of freed volume-sized CPU outputs (common/cpu_memory.h): bytes it holds, and
+  // returning them to the OS.
+  m.def("cpu_cache_bytes() -> int", &deepatlas_fast::cpu_cache_bytes);
+  m.def("empty_cpu_cache() -> ()", &deepatlas_fast::empty_cpu_cache);
 }

@@ -218,10 +218,8 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cpu(const at::Tensor& grad_out,
   const Geometry g = check_inputs("lncc_backward", a_in, b_in, window, eps);
   check_grad_out("lncc_backward", grad_out, a_in);
   const bool need_a = output_mask[0], need_b = output_mask[1];
-  at::Tensor grad_a = at::empty(need_a ? a_in.sizes() : at::IntArrayRef{0}, a_in.options());
-  at::Tensor grad_b = at::empty(need_b ? b_in.sizes() : at::IntArrayRef{0}, b_in.options());
-  advise_huge_pages(grad_a);
-  advise_huge_pages(grad_b);
+  at::Tensor grad_a = empty_volume(need_a ? a_in.sizes() : at::IntArrayRef{0}, a_in.options());
+  at::Tensor grad_b = empty_volume(need_b ? b_in.sizes() : at::IntArrayRef{0}, b_in.options());
   if (!need_a && !need_b) return {grad_a, grad_b};
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const at::Tensor go = grad_out.to(at::kDouble).contiguous();

@@ -261,10 +261,8 @@ std::tuple<at::Tensor, at::Tensor> soft_dice_sums_backward_cpu(
   const Geometry g = check_inputs("soft_dice_backward", probs_in, target_in, from_logits);
   check_grad_sums("soft_dice_backward", grad_sums, g, probs_in);
   const bool need_p = output_mask[0], need_t = output_mask[1] && !g.labels;
-  at::Tensor grad_p = at::empty(need_p ? probs_in.sizes() : at::IntArrayRef{0}, probs_in.options());
-  at::Tensor grad_t = at::empty(need_t ? target_in.sizes() : at::IntArrayRef{0}, probs_in.options());
-  advise_huge_pages(grad_p);
-  advise_huge_pages(grad_t);
+  at::Tensor grad_p = empty_volume(need_p ? probs_in.sizes() : at::IntArrayRef{0}, probs_in.options());
+  at::Tensor grad_t = empty_volume(need_t ? target_in.sizes() : at::IntArrayRef{0}, probs_in.options());
   if (!need_p && !need_t) return {grad_p, grad_t};
   const at::Tensor probs = probs_in.contiguous(), target = target_in.contiguous();
   const at::Tensor gs = grad_sums.contiguous();

@@ -5,10 +5,13 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <atomic>
+#include <vector>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 
+#include "common/parallel.h"
 #include "soft_dice/soft_dice_cpu_avx2.h"
 #include "soft_dice/soft_dice_math.h"
 #include "warp/warp_math.h"
@@ -140,12 +143,38 @@ void test_softmax_exp() {
 
 }  // namespace
 
+// parallel_pieces hands out every index exactly once, in pieces of at most `grain`
+// consecutive indices, whatever the thread count; a slow piece makes the others steal.
+void test_parallel_pieces() {
+  const int threads = at::get_num_threads();
+  for (int t : {1, 2, 3, 4})
+    for (int64_t n : {int64_t(0), int64_t(1), int64_t(7), int64_t(100), int64_t(1001)})
+      for (int64_t grain : {int64_t(1), int64_t(3), int64_t(64), int64_t(5000)}) {
+        at::set_num_threads(t);
+        std::vector<std::atomic<int>> seen(n);
+        for (auto& s : seen) s = 0;
+        std::atomic<bool> bad_piece{false};
+        deepatlas_fast::parallel_pieces(n, grain, [&](int64_t b, int64_t e) {
+          if (!(0 <= b && b < e && e <= n && e - b <= grain)) bad_piece = true;
+          if (b == 0) {  // the first piece is slow: the rest of its part goes to other threads
+            volatile double x = 0;
+            for (int i = 0; i < 200000; ++i) x = x + 1;
+          }
+          for (int64_t i = b; i < e; ++i) ++seen[i];
+        });
+        EXPECT(!bad_piece);
+        EXPECT(std::all_of(seen.begin(), seen.end(), [](const std::atomic<int>& s) { return s == 1; }));
+      }
+  at::set_num_threads(threads);
+}
+
 int main() {
   test_rounding_helpers();
   test_linear_axis();
   test_interpolation_is_exact_for_affine_functions();
   test_warp_op_through_dispatcher();
   test_softmax_exp();
+  test_parallel_pieces();
   std::printf("native tests: %d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;
 }

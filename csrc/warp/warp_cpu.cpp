@@ -1,4 +1,4 @@
-// CPU launchers of the warp op: parallel over output rows (at::parallel_for), per-voxel math
+// CPU launchers of the warp op: parallel over output rows (parallel_pieces), per-voxel math
 // from warp_math.h. The image gradient is a scatter; it is made deterministic and free of
 // atomics by grouping voxels by the image slices they write (see warp_backward_cpu).
 #include <ATen/Dispatch.h>
@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/cpu_memory.h"
+#include "common/parallel.h"
 #include "common/simd.h"
 #include "warp/warp_checks.h"
 #include "warp/warp_cpu_simd.h"
@@ -37,19 +38,21 @@ constexpr int64_t kSliceBlock = 4;
 // Calls row(b, d, h) for every output row (b, d, h, :), in parallel. Rows go by columns of
 // kSliceBlock slices: (d0, h), (d0 + 1, h), ..., then h + 1. An image row is read by the
 // output rows of neighbouring d and h; in plain row-major order the reuse across d is a
-// whole slice (~1 MiB of traffic) away and misses L2, here it is a few rows away.
+// whole slice (~1 MiB of traffic) away and misses L2, here it is a few rows away. Each
+// thread takes pieces of its own range of columns, then the rest of another's (parallel_pieces).
 template <typename F>
 void for_each_row(const Geometry& g, const F& row) {
   const int64_t blocks = (g.out_d + kSliceBlock - 1) / kSliceBlock;
   const int64_t columns = g.batch * blocks * g.out_h;
   const int64_t grain = std::max<int64_t>(1, kGrainVoxels / (kSliceBlock * g.out_w));
-  at::parallel_for(0, columns, grain, [&](int64_t c0, int64_t c1) {
+  const auto body = [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c / (blocks * g.out_h), h = c % g.out_h;
       const int64_t d0 = (c / g.out_h) % blocks * kSliceBlock, d1 = std::min(g.out_d, d0 + kSliceBlock);
       for (int64_t d = d0; d < d1; ++d) row(b, d, h);
     }
-  });
+  };
+  parallel_pieces(columns, grain, body);
 }
 
 // Displacement channels of one row and the sampling location x + u(x) along it.
@@ -131,8 +134,7 @@ RowArgs simd_row(const Geometry& g, const scalar_t* img_b, const Strides5& is, c
 at::Tensor warp_cpu(const at::Tensor& image, const at::Tensor& disp, c10::string_view mode,
                     c10::string_view padding) {
   const Geometry g = check_inputs("warp", image, disp, mode, padding);
-  at::Tensor out = at::empty({g.batch, g.channels, g.out_d, g.out_h, g.out_w}, image.options());
-  advise_huge_pages(out);
+  at::Tensor out = empty_volume({g.batch, g.channels, g.out_d, g.out_h, g.out_w}, image.options());
   const Strides5 is = strides5(image), ds = strides5(disp), os = strides5(out);
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "warp_cpu", [&] {
     const scalar_t* img = image.const_data_ptr<scalar_t>();
@@ -211,9 +213,10 @@ std::pair<int64_t, int64_t> slice_reach(const Geometry& g, const scalar_t* uz, c
   return {std::max<int64_t>(a, 0), std::min<int64_t>(b, g.in_d - 1)};
 }
 
-// Groups output slices into fixed-size chunks and finds the fewest phases K such that chunks
-// j and j' with j = j' (mod K) never write a common image slice (per batch item). Depends
-// only on the data and shapes, never on the thread count.
+// Groups output slices into fixed-size chunks and finds a number of phases K such that chunks
+// j and j' with j = j' (mod K) never write a common image slice (per batch item): the fewest,
+// or a few more when that balances two threads better. Depends only on the data and shapes,
+// never on the thread count.
 template <typename scalar_t>
 SlabPlan plan_slabs(const Geometry& g, const scalar_t* u, const Strides5& ds, bool simd) {
   SlabPlan p;
@@ -236,18 +239,30 @@ SlabPlan plan_slabs(const Geometry& g, const scalar_t* u, const Strides5& ds, bo
   auto disjoint = [](const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) {
     return a.first > a.second || b.first > b.second || a.second < b.first || b.second < a.first;
   };
-  for (int64_t k = 1; k <= p.chunks; ++k) {
-    bool ok = true;
-    for (int64_t b = 0; b < g.batch && ok; ++b)
-      for (int64_t j = 0; j < p.chunks && ok; ++j)
-        for (int64_t j2 = j + k; j2 < p.chunks && ok; j2 += k)
-          ok = disjoint(chunk[b * p.chunks + j], chunk[b * p.chunks + j2]);
-    if (ok) {
-      // Worth it with at least 2 chunks per phase on average; otherwise the sort schedule.
-      if (2 * k <= g.batch * p.chunks) p.phases = k;
-      break;
-    }
-  }
+  auto valid = [&](int64_t k) {
+    for (int64_t b = 0; b < g.batch; ++b)
+      for (int64_t j = 0; j < p.chunks; ++j)
+        for (int64_t j2 = j + k; j2 < p.chunks; j2 += k)
+          if (!disjoint(chunk[b * p.chunks + j], chunk[b * p.chunks + j2])) return false;
+    return true;
+  };
+  int64_t fewest = 1;
+  while (fewest < p.chunks && !valid(fewest)) ++fewest;
+  // Worth it with at least 2 chunks per phase on average; otherwise the sort schedule.
+  if (2 * fewest > g.batch * p.chunks) return p;
+  // A phase's chunks are indivisible tasks: with 11 chunks on 2 threads one thread idles for a
+  // chunk at the phase's end (11 + 11 + 10 chunks in 3 phases cost 6 + 6 + 5 chunk times; 4
+  // phases of 8 cost 4 x 4). Among the valid phase counts up to twice the fewest, take the one
+  // with the least such cost for 2 threads (fixed, not the actual thread count: the phase
+  // count decides the order of additions, and the bits must not depend on the thread count).
+  auto cost = [&](int64_t k) {
+    int64_t c = 0;
+    for (int64_t phase = 0; phase < k; ++phase) c += (g.batch * ((p.chunks - phase + k - 1) / k) + 1) / 2;
+    return c;
+  };
+  p.phases = fewest;
+  for (int64_t k = fewest + 1; k <= 2 * fewest && 2 * k <= g.batch * p.chunks; ++k)
+    if (cost(k) < cost(p.phases) && valid(k)) p.phases = k;
   return p;
 }
 
@@ -275,11 +290,9 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
   const Geometry g = check_inputs("warp_backward", image, disp, mode, padding);
   check_grad_out("warp_backward", grad_out, g, image);
   const bool need_image = output_mask[0], need_disp = output_mask[1];
-  at::Tensor grad_image = at::empty(need_image ? image.sizes() : at::IntArrayRef{0}, image.options());
-  at::Tensor grad_disp = need_disp ? at::empty({g.batch, 3, g.out_d, g.out_h, g.out_w}, disp.options())
-                                   : at::empty({0}, disp.options());
-  advise_huge_pages(grad_image);
-  advise_huge_pages(grad_disp);
+  at::Tensor grad_image = empty_volume(need_image ? image.sizes() : at::IntArrayRef{0}, image.options());
+  at::Tensor grad_disp = empty_volume(need_disp ? at::IntArrayRef{g.batch, 3, g.out_d, g.out_h, g.out_w}
+                                                : at::IntArrayRef{0}, disp.options());
   if (need_image) grad_image.zero_();
   if (!need_image && !need_disp) return {grad_image, grad_disp};
   const Strides5 is = strides5(image), ds = strides5(disp), gs = strides5(grad_out);
@@ -361,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
         for (int64_t phase = 0; phase < plan.phases; ++phase) {
           // chunks phase, phase + K, ... of every batch item
           const int64_t per_batch = (plan.chunks - phase + plan.phases - 1) / plan.phases;
-          at::parallel_for(0, g.batch * per_batch, 1, [&](int64_t j0, int64_t j1) {
+          auto body = [&](int64_t j0, int64_t j1) {
             for (int64_t j = j0; j < j1; ++j) {
               const int64_t b = j / per_batch, c = phase + (j % per_batch) * plan.phases;
               // By columns of the chunk's slices, for cache reuse as in for_each_row.
@@ -369,7 +382,8 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
               for (int64_t h = 0; h < g.out_h; ++h)
                 for (int64_t d = c * plan.slices_per_chunk; d < d1; ++d) backward_row(channels, b, d, h);
             }
-          });
+          };
+          parallel_pieces(g.batch * per_batch, 1, body);
         }
       });
       return;
