@@ -343,3 +343,24 @@ def test_slab_schedule_matches_grid_sample_and_is_deterministic(mode, magnitude)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_border_padding_beyond_the_volume_along_d_does_not_race(mode):
+    """Output slices whose locations lie beyond the image along D write its edge slice under
+    "border" padding. The slab planner once took them for slices that write nothing and ran
+    them in parallel with each other and with the chunk that writes that edge: with 2 threads
+    the image gradient came out wrong at random (found by the hypothesis test above)."""
+    image = torch.randn(1, 1, 4, 16, 16, dtype=torch.float64)
+    disp = torch.zeros(1, 3, 24, 16, 16, dtype=torch.float64)  # output slices 4..23 clamp to slice 3
+    disp[:, 1:] = 0.3 * torch.randn(1, 2, 24, 16, 16, dtype=torch.float64)
+    g = torch.randn(1, 1, 24, 16, 16, dtype=torch.float64)
+    ri, _ = backward_pair(lambda i, d: warp_reference(i, d, mode, "border"), image, disp, g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for _ in range(5):
+            gi, _ = backward_pair(lambda i, d: da.warp(i, d, mode=mode, padding="border"), image, disp, g)
+            torch.testing.assert_close(gi, ri, rtol=1e-11, atol=1e-11)
+    finally:
+        torch.set_num_threads(threads)

@@ -206,10 +206,15 @@ std::pair<int64_t, int64_t> slice_reach(const Geometry& g, const scalar_t* uz, c
   }
   if (!(lo <= hi)) return {1, 0};  // nothing finite: writes nothing
   const scalar_t z0 = static_cast<scalar_t>(d) + lo, z1 = static_cast<scalar_t>(d) + hi;
-  const scalar_t top = static_cast<scalar_t>(g.in_d + 1);
-  // linear writes floor(z) and floor(z) + 1, nearest round(z) <= floor(z) + 1
-  const int64_t a = floor_index(clamp_value(z0, scalar_t(-2), top));
-  const int64_t b = floor_index(clamp_value(z1, scalar_t(-2), top)) + 1;
+  // "border" clamps locations into the volume first (they then write its edge slices: without
+  // this clamp a chunk beyond the volume seemed to write nothing, was scheduled beside a chunk
+  // writing the same edge slice, and the two raced); "zeros" writes nothing beyond -2 or
+  // in_d + 1. Linear writes floor(z) and floor(z) + 1, nearest round(z) <= floor(z) + 1.
+  const bool border = g.padding == Padding::Border;
+  const scalar_t bottom = border ? scalar_t(0) : scalar_t(-2);
+  const scalar_t top = static_cast<scalar_t>(border ? g.in_d - 1 : g.in_d + 1);
+  const int64_t a = floor_index(clamp_value(z0, bottom, top));
+  const int64_t b = floor_index(clamp_value(z1, bottom, top)) + 1;
   return {std::max<int64_t>(a, 0), std::min<int64_t>(b, g.in_d - 1)};
 }
 
