@@ -11,6 +11,10 @@ TORCH_LIBRARY(deepatlas_fast, m) {
   // Gradients (image, disp) of warp; output_mask says which to compute, the other comes back
   // as an empty tensor.
   m.def("warp_backward(Tensor grad_out, Tensor image, Tensor disp, str mode, str padding, bool[2] output_mask) -> (Tensor, Tensor)");
+  // warp of a one-channel image in linear mode, and loc_grad [B, 3, D', H', W'] = d out / d
+  // location at every voxel (the disp gradient for grad_out = 1), computed from the same
+  // corners: the backward of a forward that took this op is grad_out * loc_grad. CPU only.
+  m.def("warp_with_loc_grad(Tensor image, Tensor disp, str padding=\"zeros\") -> (Tensor, Tensor)");
   // Mean over channels and voxels of the local squared correlation of a and b, per batch item
   // -> [B] (VoxelMorph's NCC with a window^3 box, zero padding). Loss: 1 - lncc.
   m.def("lncc(Tensor a, Tensor b, int window=9, float eps=1e-5) -> Tensor");

@@ -173,6 +173,56 @@ at::Tensor warp_cpu(const at::Tensor& image, const at::Tensor& disp, c10::string
   return out;
 }
 
+// warp, and for a one-channel image in linear mode the location gradient loc_grad
+// [B, 3, D', H', W'] = d out / d location: the disp gradient for grad_out = 1, from the
+// corners the forward loads anyway (SIMD rows: backward_row with go = 1 and the output row;
+// scalar path: sample_voxel and backward_voxel). A forward that will be differentiated with
+// respect to disp takes this op, and its backward needs only grad_out * loc_grad (ops/warp.py)
+// instead of a second pass over the displacement and the image.
+std::tuple<at::Tensor, at::Tensor> warp_with_loc_grad_cpu(const at::Tensor& image, const at::Tensor& disp,
+                                                          c10::string_view padding) {
+  // (errors name warp: users reach this op through deepatlas_fast.warp)
+  const Geometry g = check_inputs("warp", image, disp, "linear", padding);
+  TORCH_CHECK(g.channels == 1, "warp_with_loc_grad: image must have one channel, got ", g.channels);
+  at::Tensor out = empty_volume({g.batch, 1, g.out_d, g.out_h, g.out_w}, image.options());
+  at::Tensor loc = empty_volume({g.batch, 3, g.out_d, g.out_h, g.out_w}, image.options());
+  const Strides5 is = strides5(image), ds = strides5(disp), os = strides5(out), ls = strides5(loc);
+  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "warp_with_loc_grad_cpu", [&] {
+    const scalar_t* img = image.const_data_ptr<scalar_t>();
+    const scalar_t* u = disp.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    scalar_t* l = loc.mutable_data_ptr<scalar_t>();
+    const scalar_t one = 1;
+    const SimdLevel simd = row_simd<scalar_t>(g, is, ds);
+    for_each_row(g, [&](int64_t b, int64_t d, int64_t h) {
+      const Row<scalar_t> row(u, ds, b, d, h);
+      const scalar_t* ib = img + b * is.b;
+      scalar_t* orow = o + b * os.b + d * os.d + h * os.h;
+      scalar_t* lrow = l + b * ls.b + d * ls.d + h * ls.h;
+      auto voxel = [&](int64_t w) {
+        scalar_t z, y, x, tz, ty, tx;
+        row.at(w, &z, &y, &x);
+        sample_voxel<scalar_t, scalar_t>(g, ib, is, z, y, x, orow + w * os.w, os.c);
+        NoAdd<scalar_t> none;
+        backward_voxel<scalar_t, scalar_t>(g, ib, is, is, z, y, x, &one, 0, false, true, none, &tz, &ty, &tx);
+        lrow[w * ls.w] = tz;
+        lrow[ls.c + w * ls.w] = ty;
+        lrow[2 * ls.c + w * ls.w] = tx;
+      };
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        // (casts: identity here, but this lambda is no template, so the branch is compiled
+        // for double too; the AVX-512 copy differs in the image-gradient scatter only)
+        if (simd != SimdLevel::None)
+          return avx2::backward_row(simd_row(g, ib, is, u, ds, b, d, h), reinterpret_cast<const float*>(&one), 0, 0,
+                                    nullptr, 0, 0, 0, reinterpret_cast<float*>(lrow), ls.c,
+                                    reinterpret_cast<float*>(orow), voxel);
+      }
+      for (int64_t w = 0; w < g.out_w; ++w) voxel(w);
+    });
+  });
+  return {out, loc};
+}
+
 template <typename scalar_t>
 struct PlainAdd {
   scalar_t* base;
@@ -353,8 +403,8 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
           // with both gradients 63 -> 43 ms, 2 threads, benchmark field); for the disp gradient
           // alone it measured a few % slower.
           if (level == SimdLevel::Avx512 && need_image)
-            return avx512::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, voxel);
-          return avx2::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, voxel);
+            return avx512::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, nullptr, voxel);
+          return avx2::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, nullptr, voxel);
         }
       }
       for (int64_t w = 0; w < g.out_w; ++w) voxel(w);
@@ -474,6 +524,7 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
 TORCH_LIBRARY_IMPL(deepatlas_fast, CPU, m) {
   m.impl("warp", &warp_cpu);
   m.impl("warp_backward", &warp_backward_cpu);
+  m.impl("warp_with_loc_grad", &warp_with_loc_grad_cpu);
 }
 
 }  // namespace warp

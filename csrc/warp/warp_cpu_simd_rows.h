@@ -467,9 +467,11 @@ DA_SIMD_INLINE void scatter_runs(float*, const int32_t*, unsigned, const __m256 
 // W stride go_w (0 or 1). If gi: the image gradient of this batch item, contiguous
 // [C, D, H, W] with strides gsd, gsh, gsc, scattered voxel after voxel in W order, each
 // voxel's 8 corners in the scalar order. If gd: the disp gradient row, channel stride gd_c.
+// If out (one channel, gd set): the forward's output row too, from the same corners, with
+// forward_row's operations (warp_with_loc_grad: gd is then the location gradient, go = 1).
 template <typename Fallback>
 DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64_t go_w, float* gi,
-                          int32_t gsd, int32_t gsh, int64_t gsc, float* gd, int64_t gd_c,
+                          int32_t gsd, int32_t gsh, int64_t gsc, float* gd, int64_t gd_c, float* out,
                           const Fallback& fallback) {
   alignas(32) float pw[4][16];  // scatter weights, see scatter_block
   alignas(32) int32_t og[8];    // grad-image offsets of corner (0, 0, 0)
@@ -520,6 +522,7 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
         const __m256 e0 = lerp8(_mm256_sub_ps(v[0][0][1], v[0][0][0]), _mm256_sub_ps(v[0][1][1], v[0][1][0]), k.fy);
         const __m256 e1 = lerp8(_mm256_sub_ps(v[1][0][1], v[1][0][0]), _mm256_sub_ps(v[1][1][1], v[1][1][0]), k.fy);
         tx = _mm256_add_ps(tx, _mm256_mul_ps(g, lerp8(e0, e1, k.fz)));
+        if (out) _mm256_storeu_ps(out + w, lerp8(lerp8(a00, a01, k.fy), lerp8(a10, a11, k.fy), k.fz));
       }
       if (partial) border.add(p, g, gd != nullptr, gi != nullptr);
       if (!gi) continue;
@@ -561,6 +564,7 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
             border.scatter(q, l);
         }
     }
+    if (out && partial) border_lanes(r, w, mask, out, 0);  // (as forward_row)
     if (partial) {
       __m256 bz, by, bx;
       border.finish(&bz, &by, &bx);

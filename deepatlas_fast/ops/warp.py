@@ -31,12 +31,60 @@ def warp(image: torch.Tensor, disp: torch.Tensor, *, mode: str = "linear", paddi
     Gradients flow to both inputs (only to those that require them). CPU: float32/float64,
     deterministic. CUDA: also float16/bfloat16 (float32 accumulation); the image gradient uses
     atomics and is not bitwise deterministic.
+
+    On the CPU, when autograd will differentiate a one-channel linear warp with respect to
+    ``disp`` (registration training), the forward also computes d out / d location from the
+    corners it loads (``warp_with_loc_grad``) and keeps it, 3 volumes, for the backward, whose
+    disp gradient is then ``grad_out * loc_grad`` in that buffer.
     """
     if mode not in MODES:
         raise ValueError(f"warp: mode must be one of {MODES}, got {mode!r}")
     if padding not in PADDINGS:
         raise ValueError(f"warp: padding must be one of {PADDINGS}, got {padding!r}")
+    if _saves_loc_grad(image, disp, mode):
+        return _WarpSavingLocGrad.apply(image, disp, padding)
     return ops.warp(image, disp, mode, padding)
+
+
+def _saves_loc_grad(image, disp, mode) -> bool:
+    """Eager CPU forwards of a one-channel image that autograd will differentiate with respect
+    to disp (registration training) compute the location gradient with the output
+    (ops.warp_with_loc_grad): the corners are loaded once, and the backward's disp gradient
+    is grad_out * loc_grad. Traced calls (torch.compile, export, ONNX) keep the plain op."""
+    return (mode == "linear" and torch.is_grad_enabled() and disp.requires_grad
+            and image.dim() == 5 and image.shape[1] == 1
+            and image.device.type == "cpu" and disp.device.type == "cpu"
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export())
+
+
+class _WarpSavingLocGrad(torch.autograd.Function):
+    """warp whose forward also computed d out / d location (loc_grad, 3 volumes, held until
+    the backward: the memory the backward's disp gradient would take anyway)."""
+
+    @staticmethod
+    def forward(ctx, image, disp, padding):
+        out, loc_grad = ops.warp_with_loc_grad(image, disp, padding)
+        ctx.save_for_backward(image, disp)
+        ctx.padding = padding
+        # Not in save_for_backward: no one else holds this buffer, so the backward turns it into
+        # the disp gradient in place; a second backward through the graph (retain_graph=True)
+        # finds it gone and recomputes from image and disp.
+        ctx.loc_grad = loc_grad
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        image, disp = ctx.saved_tensors
+        need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+        loc_grad, ctx.loc_grad = ctx.loc_grad, None
+        if loc_grad is None:
+            grad_image, grad_disp = ops.warp_backward(grad_out, image, disp, "linear", ctx.padding, need)
+        else:
+            grad_image = ops.warp_backward(grad_out, image, disp, "linear", ctx.padding, [True, False])[0] if need[0] else None
+            grad_disp = loc_grad.mul_(grad_out) if need[1] else None  # grad_out broadcasts over (d, h, w)
+        return (grad_image if need[0] else None), (grad_disp if need[1] else None), None
 
 
 def _out_shape(image, disp):
@@ -48,6 +96,13 @@ def _warp_fake(image, disp, mode="linear", padding="zeros"):
     torch._check(image.dim() == 5, lambda: "warp: image must be 5-D [B, C, D, H, W]")
     torch._check(disp.dim() == 5 and disp.shape[1] == 3, lambda: "warp: disp must be [B, 3, D, H, W]")
     return image.new_empty(_out_shape(image, disp))
+
+
+@torch.library.register_fake("deepatlas_fast::warp_with_loc_grad")
+def _warp_with_loc_grad_fake(image, disp, padding="zeros"):
+    torch._check(image.dim() == 5 and image.shape[1] == 1, lambda: "warp_with_loc_grad: image must be [B, 1, D, H, W]")
+    torch._check(disp.dim() == 5 and disp.shape[1] == 3, lambda: "warp_with_loc_grad: disp must be [B, 3, D, H, W]")
+    return image.new_empty(_out_shape(image, disp)), disp.new_empty((disp.shape[0], 3, *disp.shape[2:]))
 
 
 @torch.library.register_fake("deepatlas_fast::warp_backward")
