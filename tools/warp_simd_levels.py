@@ -3,7 +3,7 @@
     python tools/warp_simd_levels.py [--shape 160 192 224] [--levels avx2 1] [--rounds 7]
 
 On the benchmark's displacement (benchmarks.common.smooth_displacement), one channel: the
-forward and the backward (both gradients, image gradient only, displacement gradient only)
+forward, the forward with the location gradient (warp_with_loc_grad), and the backward (both gradients, image gradient only, displacement gradient only)
 at each DEEPATLAS_FAST_SIMD level (0: scalar code, avx2: AVX2 rows, 1: the best rows the CPU
 runs; the kernels read the variable at every call). The levels are timed in alternating rounds
 after warm-up rounds (this VM's speed drifts within a run); each level's results are checked
@@ -23,7 +23,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # benchmarks/ (after installed packages)
 from benchmarks.common import DEFAULT_SHAPE, smooth_displacement  # noqa: E402
 
-CASES = {"forward": None, "backward, both gradients": [True, True],
+CASES = {"forward": None, "forward with location gradient": "loc", "backward, both gradients": [True, True],
          "backward, image gradient": [True, False], "backward, disp gradient": [False, True]}
 
 
@@ -35,6 +35,8 @@ def time_levels(shape, levels, rounds: int = 7, warmup: int = 10) -> dict:
     disp = smooth_displacement(shape)
 
     def call(mask):
+        if mask == "loc":  # what deepatlas_fast.warp runs when disp will get a gradient
+            return ops.warp_with_loc_grad(image, disp, "zeros")
         if mask is None:
             return (ops.warp(image, disp, "linear", "zeros"),)
         return ops.warp_backward(grad, image, disp, "linear", "zeros", mask)
