@@ -3,6 +3,7 @@ leak old values into results, the limit holds, and DEEPATLAS_FAST_CPU_CACHE_MB i
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,19 +83,26 @@ def test_reused_buffers_for_lncc_and_soft_dice_gradients():
     assert torch.equal(first, second)
 
 
-def _run(code, mib):
-    env = dict(os.environ, DEEPATLAS_FAST_CPU_CACHE_MB=mib)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+# The subprocesses import the package this test imported (the installed one in CI), from a
+# directory where the source tree (no compiled extension) cannot shadow it.
+PKG_ROOT = str(Path(da.__file__).resolve().parents[1])
 
 
-def test_limit_and_off_switch_from_the_environment():
+def _run(code, mib, cwd):
+    env = dict(os.environ, DEEPATLAS_FAST_CPU_CACHE_MB=mib, PYTHONPATH=PKG_ROOT)
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_limit_and_off_switch_from_the_environment(tmp_path):
     code = (
         "import torch, deepatlas_fast as da\n"
         f"outs = [da.warp(torch.rand(1, 1, *{BIG}), torch.zeros(1, 3, *{BIG})) for _ in range(3)]\n"
         "del outs\n"
         "print(da.cpu_cache_bytes())\n"
     )
-    assert int(_run(code, "4").stdout.split()[-1]) == 4 * MIB  # the limit: two of the three
-    assert int(_run(code, "0").stdout.split()[-1]) == 0
-    bad = _run(code, "lots")
+    for mib, held in [("4", 4 * MIB), ("0", 0)]:  # the limit keeps two of the three; 0: none
+        run = _run(code, mib, tmp_path)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert int(run.stdout.split()[-1]) == held
+    bad = _run(code, "lots", tmp_path)
     assert bad.returncode != 0 and "DEEPATLAS_FAST_CPU_CACHE_MB must be a whole number of MiB" in bad.stderr
