@@ -16,7 +16,8 @@
 
 namespace deepatlas_fast {
 
-// Calls f(begin, end) for consecutive pieces of at most `grain` indices covering [0, n).
+// Calls f(begin, end) for consecutive pieces of at most `grain` indices covering [0, n); on
+// one thread, or inside a parallel region, f(0, n) once.
 template <typename F>
 void parallel_pieces(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return;
