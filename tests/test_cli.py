@@ -8,14 +8,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from _installed import PKG_ROOT
 from _synth import LABEL_VALUES, tiny_overrides, tiny_run, write_dataset
-import deepatlas_fast
 from deepatlas_fast.cli import COMMANDS, main
 from deepatlas_fast.io import load_header, load_nifti, save_nifti
-
-# Subprocesses must import the package this test imported (the installed one in CI), not
-# the source tree, which has no compiled extension there.
-PKG_ROOT = str(Path(deepatlas_fast.__file__).resolve().parents[1])
 
 
 def test_help_lists_every_command(tmp_path):

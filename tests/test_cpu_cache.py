@@ -3,13 +3,14 @@ leak old values into results, the limit holds, and DEEPATLAS_FAST_CPU_CACHE_MB i
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from _installed import PKG_ROOT
+from reference import warp_reference
+
 import deepatlas_fast as da
-from tests.reference import warp_reference
 
 MIB = 1 << 20
 SHAPE = (32, 64, 128)  # 1 MiB per float32 volume: small ones bypass the cache
@@ -81,11 +82,6 @@ def test_reused_buffers_for_lncc_and_soft_dice_gradients():
     poison_cache((2 * BIG[0], *BIG[1:]))
     second = torch.autograd.grad(da.soft_dice(probs, labels).sum(), probs)[0]
     assert torch.equal(first, second)
-
-
-# The subprocesses import the package this test imported (the installed one in CI), from a
-# directory where the source tree (no compiled extension) cannot shadow it.
-PKG_ROOT = str(Path(da.__file__).resolve().parents[1])
 
 
 def _run(code, mib, cwd):

@@ -7,17 +7,12 @@ BatchNorm statistics would legitimately differ per process)."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
+from _installed import PKG_ROOT
 from _synth import tiny_overrides, write_dataset
-import deepatlas_fast
 from deepatlas_fast.train import list_checkpoints, train
-
-# Subprocesses must import the package this test imported (the installed one in CI), not
-# the source tree, which has no compiled extension there.
-PKG_ROOT = str(Path(deepatlas_fast.__file__).resolve().parents[1])
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):

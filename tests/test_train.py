@@ -6,20 +6,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from _installed import PKG_ROOT
 from _synth import tiny_overrides, tiny_run, write_dataset
-import deepatlas_fast
 from deepatlas_fast.config import load_config
 from deepatlas_fast.data import VolumeDataset, read_data
 from deepatlas_fast.train import Trainer, build_preprocessing, list_checkpoints, train
-
-# Subprocesses must import the package this test imported (the installed one in CI), not
-# the source tree, which has no compiled extension there.
-PKG_ROOT = str(Path(deepatlas_fast.__file__).resolve().parents[1])
 
 
 def _load(p):

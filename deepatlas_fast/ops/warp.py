@@ -79,11 +79,11 @@ class _WarpSavingLocGrad(torch.autograd.Function):
         image, disp = ctx.saved_tensors
         need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
         loc_grad, ctx.loc_grad = ctx.loc_grad, None
-        if loc_grad is None:
+        if loc_grad is None:  # a second backward: loc_grad was consumed by the first
             grad_image, grad_disp = ops.warp_backward(grad_out, image, disp, "linear", ctx.padding, need)
-        else:
-            grad_image = ops.warp_backward(grad_out, image, disp, "linear", ctx.padding, [True, False])[0] if need[0] else None
-            grad_disp = loc_grad.mul_(grad_out) if need[1] else None  # grad_out broadcasts over (d, h, w)
+        else:  # the image gradient (if wanted) alone, then the disp gradient in loc_grad's buffer
+            grad_image = ops.warp_backward(grad_out, image, disp, "linear", ctx.padding, [need[0], False])[0]
+            grad_disp = loc_grad.mul_(grad_out)  # grad_out broadcasts over (d, h, w)
         return (grad_image if need[0] else None), (grad_disp if need[1] else None), None
 
 
