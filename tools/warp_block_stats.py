@@ -6,8 +6,8 @@ On the benchmark's displacement (benchmarks.common.smooth_displacement). The
 forward of csrc/warp/warp_cpu_simd_rows.h cuts each output row into blocks of 8 voxels (from w = 0;
 row tails go scalar). A block whose 8 sampling locations are strictly interior and whose cells
 are one run along x (same z and y cell, x cells x0..x0+7) takes plain vector loads; other
-interior blocks fetch the 16 corner pairs one by one; blocks with a non-interior voxel hand it to
-the scalar code. Prints those shares, the mean number of distinct (z, y) cell rows per block, the
+interior blocks fetch the 16 corner pairs one by one; the non-interior voxels of a block take
+the general stencil with masked gathers (border_lanes; only row tails go to the scalar code). Prints those shares, the mean number of distinct (z, y) cell rows per block, the
 mean number of runs per interior block (lanes whose cell continues the previous lane's along x
 join its run; the AVX-512 backward scatters run by run), and the share of voxels that are not
 strictly interior.
