@@ -15,6 +15,9 @@ TORCH_LIBRARY(deepatlas_fast, m) {
   // location at every voxel (the disp gradient for grad_out = 1), computed from the same
   // corners: the backward of a forward that took this op is grad_out * loc_grad. CPU only.
   m.def("warp_with_loc_grad(Tensor image, Tensor disp, str padding=\"zeros\") -> (Tensor, Tensor)");
+  // Its backward: returns the image gradient and turns loc_grad into the disp gradient in
+  // place (loc_grad * grad_out), in one pass. CPU only.
+  m.def("warp_backward_with_loc_grad(Tensor grad_out, Tensor image, Tensor disp, Tensor(a!) loc_grad, str padding) -> Tensor");
   // Mean over channels and voxels of the local squared correlation of a and b, per batch item
   // -> [B] (VoxelMorph's NCC with a window^3 box, zero padding). Loss: 1 - lncc.
   m.def("lncc(Tensor a, Tensor b, int window=9, float eps=1e-5) -> Tensor");

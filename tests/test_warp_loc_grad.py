@@ -121,3 +121,59 @@ def test_opcheck_and_bad_input():
         ops.warp_with_loc_grad(image.expand(2, 2, -1, -1, -1), disp, "zeros")
     with pytest.raises(ValueError, match="padding must be"):
         ops.warp_with_loc_grad(image, disp, "reflect")
+
+
+def backward_cases(dtype):
+    """(image, disp, grad_out) for the slab schedule (smooth field, SIMD rows for float32), the
+    sort schedule (rough field) and a grad_out broadcast along every axis (as out.sum() gives)."""
+    image, rough = inputs(dtype, shape=(24, 9, 21))
+    rough = rough * 2.0
+    smooth = smooth_disp(2, (24, 9, 21), 0.5, dtype=dtype, seed=1)
+    g = torch.randn(2, 1, 24, 9, 21, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    # (one batch item for the rough field: with two, its 24 chunks of one slice would still
+    # fill the two-per-phase slab schedule)
+    return [(image, smooth, g), (image[:1], rough[:1], g[:1]), (image, smooth, torch.ones((), dtype=dtype).expand_as(g))]
+
+
+@pytest.mark.parametrize("padding", PADS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_with_loc_grad_gives_the_two_pass_bits(padding, dtype):
+    """warp_backward_with_loc_grad = the image gradient of warp_backward and loc_grad * grad_out
+    (the multiply done by the scatter's rows), bit for bit, at every SIMD level and schedule."""
+    for image, disp, g in backward_cases(dtype):
+        _, loc = ops.warp_with_loc_grad(image, disp, padding)
+
+        def run():
+            fused = loc.clone()
+            grad_image = ops.warp_backward_with_loc_grad(g, image, disp, fused, padding)
+            plain = ops.warp_backward(g, image, disp, "linear", padding, [True, False])[0]
+            return grad_image, plain, fused
+
+        for level in SIMD_LEVELS:
+            grad_image, plain, fused = at_simd_level(level, run)
+            assert torch.equal(grad_image, plain)
+            assert torch.equal(fused.nan_to_num(7.0), (loc * g).nan_to_num(7.0))
+
+
+def test_backward_with_loc_grad_takes_any_loc_grad_strides():
+    image, disp, g = backward_cases(torch.float32)[0]
+    _, loc = ops.warp_with_loc_grad(image, disp, "zeros")
+    strided = torch.empty(2, 24, 9, 21, 3).permute(0, 4, 1, 2, 3).copy_(loc)  # channels last
+    grad_image = ops.warp_backward_with_loc_grad(g, image, disp, strided, "zeros")
+    assert torch.equal(grad_image, ops.warp_backward(g, image, disp, "linear", "zeros", [True, False])[0])
+    assert torch.equal(strided, loc * g)
+
+
+def test_backward_with_loc_grad_opcheck_and_bad_input():
+    image, disp = inputs(torch.float64, shape=(3, 4, 5))
+    disp = disp.nan_to_num(0.0)
+    _, loc = ops.warp_with_loc_grad(image, disp, "zeros")
+    g = torch.randn_like(image)
+    torch.library.opcheck(ops.warp_backward_with_loc_grad.default, (g, image, disp, loc.clone(), "zeros"))
+    with pytest.raises(ValueError, match=r"loc_grad must be \[2, 3, 3, 4, 5\]"):
+        ops.warp_backward_with_loc_grad(g, image, disp, loc[:, :2], "zeros")
+    with pytest.raises(TypeError, match="loc_grad is Float but image is Double"):
+        ops.warp_backward_with_loc_grad(g, image, disp, loc.float(), "zeros")
+    with pytest.raises(ValueError, match="image must have one channel, got 2"):
+        two = image.expand(2, 2, -1, -1, -1)
+        ops.warp_backward_with_loc_grad(g.expand_as(two), two, disp, loc, "zeros")

@@ -215,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> warp_with_loc_grad_cpu(const at::Tensor& imag
         if (simd != SimdLevel::None)
           return avx2::backward_row(simd_row(g, ib, is, u, ds, b, d, h), reinterpret_cast<const float*>(&one), 0, 0,
                                     nullptr, 0, 0, 0, reinterpret_cast<float*>(lrow), ls.c,
-                                    reinterpret_cast<float*>(orow), voxel);
+                                    reinterpret_cast<float*>(orow), false, voxel);
       }
       for (int64_t w = 0; w < g.out_w; ++w) voxel(w);
     });
@@ -336,18 +336,21 @@ SlabPlan plan_slabs(const Geometry& g, const scalar_t* u, const Strides5& ds, bo
 //    3. two passes, even keys then odd keys: keys of one parity write disjoint slice pairs
 //       {k, k + 1}, so their groups run in parallel, each group serially in voxel order.
 //    Extra memory: one int32 per output voxel plus per-slice histograms.
-std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
-                                                      const at::Tensor& image,
-                                                      const at::Tensor& disp,
-                                                      c10::string_view mode,
-                                                      c10::string_view padding,
-                                                      std::array<bool, 2> output_mask) {
-  const Geometry g = check_inputs("warp_backward", image, disp, mode, padding);
-  check_grad_out("warp_backward", grad_out, g, image);
+//
+// With loc_grad (warp_backward_with_loc_grad): the disp gradient is loc_grad * grad_out,
+// written over loc_grad by the rows of the image-gradient scatter, which read grad_out anyway.
+std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, const at::Tensor& grad_out,
+                                                const at::Tensor& image, const at::Tensor& disp,
+                                                c10::string_view mode, c10::string_view padding,
+                                                std::array<bool, 2> output_mask, const at::Tensor* loc_grad) {
+  const Geometry g = check_inputs(op, image, disp, mode, padding);
+  check_grad_out(op, grad_out, g, image);
   const bool need_image = output_mask[0], need_disp = output_mask[1];
+  const bool scale = loc_grad != nullptr;  // need_disp then too
   at::Tensor grad_image = empty_volume(need_image ? image.sizes() : at::IntArrayRef{0}, image.options());
-  at::Tensor grad_disp = empty_volume(need_disp ? at::IntArrayRef{g.batch, 3, g.out_d, g.out_h, g.out_w}
-                                                : at::IntArrayRef{0}, disp.options());
+  at::Tensor grad_disp = scale ? *loc_grad
+                               : empty_volume(need_disp ? at::IntArrayRef{g.batch, 3, g.out_d, g.out_h, g.out_w}
+                                                        : at::IntArrayRef{0}, disp.options());
   if (need_image) grad_image.zero_();
   if (!need_image && !need_disp) return {grad_image, grad_disp};
   const Strides5 is = strides5(image), ds = strides5(disp), gs = strides5(grad_out);
@@ -375,14 +378,17 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
       row.at(w, &z, &y, &x);
       const scalar_t* ib = img + b * is.b;
       const scalar_t* gv = go + b * gs.b + d * gs.d + h * gs.h + w * gs.w;
+      const bool from_image = need_disp && !scale;
       if (g.mode == Mode::Linear && strictly_interior(lim, z, y, x))
         backward_interior<decltype(channels)::value>(g, ib, is, ris, z, y, x, gv, gs.c,
-                                                     need_image, need_disp, add, &tz, &ty, &tx);
+                                                     need_image, from_image, add, &tz, &ty, &tx);
       else
         backward_voxel<scalar_t, scalar_t>(g, ib, is, ris, z, y, x, gv, gs.c, need_image,
-                                           need_disp, add, &tz, &ty, &tx);
+                                           from_image, add, &tz, &ty, &tx);
       if (need_disp) {
         scalar_t* r = gd + b * rds.b + d * rds.d + h * rds.h + w * rds.w;
+        if (scale)
+          tz = r[0] * gv[0], ty = r[rds.c] * gv[0], tx = r[2 * rds.c] * gv[0];  // (one channel)
         r[0] = tz;
         r[rds.c] = ty;
         r[2 * rds.c] = tx;
@@ -403,8 +409,8 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
           // with both gradients 63 -> 43 ms, 2 threads, benchmark field); for the disp gradient
           // alone it measured a few % slower.
           if (level == SimdLevel::Avx512 && need_image)
-            return avx512::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, nullptr, voxel);
-          return avx2::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, nullptr, voxel);
+            return avx512::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, nullptr, scale, voxel);
+          return avx2::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, nullptr, scale, voxel);
         }
       }
       for (int64_t w = 0; w < g.out_w; ++w) voxel(w);
@@ -519,12 +525,36 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out,
   return {grad_image, grad_disp};
 }
 
+std::tuple<at::Tensor, at::Tensor> warp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& image,
+                                                      const at::Tensor& disp, c10::string_view mode,
+                                                      c10::string_view padding, std::array<bool, 2> output_mask) {
+  return backward_cpu("warp_backward", grad_out, image, disp, mode, padding, output_mask, nullptr);
+}
+
+// The image gradient, and loc_grad (from warp_with_loc_grad) multiplied by grad_out in place:
+// the disp gradient.
+at::Tensor warp_backward_with_loc_grad_cpu(const at::Tensor& grad_out, const at::Tensor& image,
+                                           const at::Tensor& disp, at::Tensor& loc_grad, c10::string_view padding) {
+  const char* op = "warp_backward_with_loc_grad";
+  const Geometry g = check_inputs(op, image, disp, "linear", padding);
+  TORCH_CHECK_VALUE(g.channels == 1, op, ": image must have one channel, got ", g.channels);
+  TORCH_CHECK_VALUE(loc_grad.sizes() == at::IntArrayRef({g.batch, 3, g.out_d, g.out_h, g.out_w}), op,
+                    ": loc_grad must be [", g.batch, ", 3, ", g.out_d, ", ", g.out_h, ", ", g.out_w, "], got ",
+                    loc_grad.sizes());
+  TORCH_CHECK_TYPE(loc_grad.scalar_type() == image.scalar_type(), op, ": loc_grad is ", loc_grad.scalar_type(),
+                   " but image is ", image.scalar_type());
+  TORCH_CHECK_VALUE(loc_grad.device() == image.device(), op, ": loc_grad is on ", loc_grad.device(),
+                    " but image is on ", image.device());
+  return std::get<0>(backward_cpu(op, grad_out, image, disp, "linear", padding, {true, true}, &loc_grad));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(deepatlas_fast, CPU, m) {
   m.impl("warp", &warp_cpu);
   m.impl("warp_backward", &warp_backward_cpu);
   m.impl("warp_with_loc_grad", &warp_with_loc_grad_cpu);
+  m.impl("warp_backward_with_loc_grad", &warp_backward_with_loc_grad_cpu);
 }
 
 }  // namespace warp

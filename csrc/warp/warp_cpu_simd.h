@@ -105,7 +105,7 @@ template <typename Fallback>
 void forward_row(const RowArgs&, float*, int64_t, const Fallback&) {}
 template <typename Fallback>
 void backward_row(const RowArgs&, const float*, int64_t, int64_t, float*, int32_t, int32_t,
-                  int64_t, float*, int64_t, float*, const Fallback&) {}
+                  int64_t, float*, int64_t, float*, bool, const Fallback&) {}
 inline void min_max(const float*, int64_t, float*, float*) {}
 }  // namespace avx2
 namespace avx512 {

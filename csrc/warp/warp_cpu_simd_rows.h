@@ -469,10 +469,12 @@ DA_SIMD_INLINE void scatter_runs(float*, const int32_t*, unsigned, const __m256 
 // voxel's 8 corners in the scalar order. If gd: the disp gradient row, channel stride gd_c.
 // If out (one channel, gd set): the forward's output row too, from the same corners, with
 // forward_row's operations (warp_with_loc_grad: gd is then the location gradient, go = 1).
+// If scale_gd (one channel; warp_backward_with_loc_grad): gd holds that location gradient and
+// is multiplied by go in place, instead of a disp gradient computed from the image.
 template <typename Fallback>
 DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64_t go_w, float* gi,
                           int32_t gsd, int32_t gsh, int64_t gsc, float* gd, int64_t gd_c, float* out,
-                          const Fallback& fallback) {
+                          bool scale_gd, const Fallback& fallback) {
   alignas(32) float pw[4][16];  // scatter weights, see scatter_block
   alignas(32) int32_t og[8];    // grad-image offsets of corner (0, 0, 0)
   const __m256 one = _mm256_set1_ps(1.f);
@@ -481,7 +483,7 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
     AheadCell ahead;
     if (ahead_cell(r, w, &ahead)) {  // the location once, its rows in each array read
       if (gi) prefetch_cell(gi, gsd, gsh, ahead);
-      if (gd) prefetch_cell(r.img, r.isd, r.ish, ahead);
+      if (gd && !scale_gd) prefetch_cell(r.img, r.isd, r.ish, ahead);
     }
     Block k;
     const int mask = interior_block(r, w, &k);
@@ -509,7 +511,11 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
     for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
       const float* gc = go + c * go_c + w * go_w;
       const __m256 g = go_w ? _mm256_loadu_ps(gc) : _mm256_set1_ps(*gc);
-      if (gd && mask != 0) {
+      if (scale_gd) {
+        tz = _mm256_mul_ps(_mm256_loadu_ps(gd + w), g);
+        ty = _mm256_mul_ps(_mm256_loadu_ps(gd + gd_c + w), g);
+        tx = _mm256_mul_ps(_mm256_loadu_ps(gd + 2 * gd_c + w), g);
+      } else if (gd && mask != 0) {
         __m256 v[2][2][2];
         if (run)
           run_corners(p, o[0], r.isd, r.ish, v);
@@ -524,7 +530,7 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
         tx = _mm256_add_ps(tx, _mm256_mul_ps(g, lerp8(e0, e1, k.fz)));
         if (out) _mm256_storeu_ps(out + w, lerp8(lerp8(a00, a01, k.fy), lerp8(a10, a11, k.fy), k.fz));
       }
-      if (partial) border.add(p, g, gd != nullptr, gi != nullptr);
+      if (partial) border.add(p, g, gd != nullptr && !scale_gd, gi != nullptr);
       if (!gi) continue;
       float* q = gi + c * gsc;
       if (mask != 0) {
@@ -565,7 +571,7 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
         }
     }
     if (out && partial) border_lanes(r, w, mask, out, 0);  // (as forward_row)
-    if (partial) {
+    if (partial && !scale_gd) {
       __m256 bz, by, bx;
       border.finish(&bz, &by, &bx);
       const __m256 other = _mm256_castsi256_ps(lanes_not_in(mask));

@@ -35,7 +35,8 @@ def warp(image: torch.Tensor, disp: torch.Tensor, *, mode: str = "linear", paddi
     On the CPU, when autograd will differentiate a one-channel linear warp with respect to
     ``disp`` (registration training), the forward also computes d out / d location from the
     corners it loads (``warp_with_loc_grad``) and keeps it, 3 volumes, for the backward, whose
-    disp gradient is then ``grad_out * loc_grad`` in that buffer.
+    disp gradient is then ``grad_out * loc_grad`` in that buffer (computed by the rows of the
+    image-gradient scatter when the image needs a gradient too: ``warp_backward_with_loc_grad``).
     """
     if mode not in MODES:
         raise ValueError(f"warp: mode must be one of {MODES}, got {mode!r}")
@@ -81,9 +82,11 @@ class _WarpSavingLocGrad(torch.autograd.Function):
         loc_grad, ctx.loc_grad = ctx.loc_grad, None
         if loc_grad is None:  # a second backward: loc_grad was consumed by the first
             grad_image, grad_disp = ops.warp_backward(grad_out, image, disp, "linear", ctx.padding, need)
-        else:  # the image gradient (if wanted) alone, then the disp gradient in loc_grad's buffer
-            grad_image = ops.warp_backward(grad_out, image, disp, "linear", ctx.padding, [need[0], False])[0]
-            grad_disp = loc_grad.mul_(grad_out)  # grad_out broadcasts over (d, h, w)
+        elif need[0]:  # the image gradient, its rows also turning loc_grad into the disp gradient
+            grad_image = ops.warp_backward_with_loc_grad(grad_out, image, disp, loc_grad, ctx.padding)
+            grad_disp = loc_grad
+        else:
+            grad_image, grad_disp = None, loc_grad.mul_(grad_out)  # grad_out broadcasts over (d, h, w)
         return (grad_image if need[0] else None), (grad_disp if need[1] else None), None
 
 
@@ -103,6 +106,11 @@ def _warp_with_loc_grad_fake(image, disp, padding="zeros"):
     torch._check(image.dim() == 5 and image.shape[1] == 1, lambda: "warp_with_loc_grad: image must be [B, 1, D, H, W]")
     torch._check(disp.dim() == 5 and disp.shape[1] == 3, lambda: "warp_with_loc_grad: disp must be [B, 3, D, H, W]")
     return image.new_empty(_out_shape(image, disp)), disp.new_empty((disp.shape[0], 3, *disp.shape[2:]))
+
+
+@torch.library.register_fake("deepatlas_fast::warp_backward_with_loc_grad")
+def _warp_backward_with_loc_grad_fake(grad_out, image, disp, loc_grad, padding):
+    return image.new_empty(image.shape)
 
 
 @torch.library.register_fake("deepatlas_fast::warp_backward")
