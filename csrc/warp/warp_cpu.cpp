@@ -232,7 +232,47 @@ struct PlainAdd {
 // Schedule of the image-gradient scatter by blocks of output slices (see warp_backward_cpu).
 struct SlabPlan {
   int64_t slices_per_chunk = 1, chunks = 0, phases = 0;  // phases == 0: no valid plan
+  // Image slices each chunk zeroes before its rows (CSR over batch * chunks: first_slices
+  // [zero_begin[j], zero_begin[j + 1])), and those no chunk writes (CSR over batch items,
+  // zeroed first): each slice is zeroed once, by the first chunk run that may write it, just
+  // before the scatter reads it (rather than in a pass of its own, from which the scatter
+  // would read it back from memory).
+  std::vector<int64_t> zero_begin, first_slices, idle_begin, idle_slices;
 };
+
+// The zeroing lists of plan p (phases > 0) from the chunks' reach (per batch * chunks): chunks
+// run phase by phase, so a slice's first writer is the first chunk of that order reaching it.
+// Chunks of one phase reach disjoint slices, so no other chunk writes it while it is zeroed.
+void plan_zeroing(const Geometry& g, const std::vector<std::pair<int64_t, int64_t>>& reach, SlabPlan* p) {
+  std::vector<int64_t> first(g.batch * g.in_d, -1);  // (b, slice) -> chunk
+  for (int64_t phase = 0; phase < p->phases; ++phase)
+    for (int64_t b = 0; b < g.batch; ++b)
+      for (int64_t c = phase; c < p->chunks; c += p->phases) {
+        const auto& r = reach[b * p->chunks + c];
+        for (int64_t s = r.first; s <= r.second; ++s)
+          if (first[b * g.in_d + s] < 0) first[b * g.in_d + s] = c;
+      }
+  p->zero_begin.assign(g.batch * p->chunks + 1, 0);
+  p->idle_begin.assign(g.batch + 1, 0);
+  for (int64_t b = 0; b < g.batch; ++b)
+    for (int64_t s = 0; s < g.in_d; ++s) {
+      const int64_t c = first[b * g.in_d + s];
+      ++(c < 0 ? p->idle_begin[b + 1] : p->zero_begin[b * p->chunks + c + 1]);
+    }
+  for (size_t j = 1; j < p->zero_begin.size(); ++j) p->zero_begin[j] += p->zero_begin[j - 1];
+  for (size_t j = 1; j < p->idle_begin.size(); ++j) p->idle_begin[j] += p->idle_begin[j - 1];
+  p->first_slices.resize(p->zero_begin.back());
+  p->idle_slices.resize(p->idle_begin.back());
+  std::vector<int64_t> next(p->zero_begin.begin(), p->zero_begin.end() - 1), idle(p->idle_begin.begin(), p->idle_begin.end() - 1);
+  for (int64_t b = 0; b < g.batch; ++b)
+    for (int64_t s = 0; s < g.in_d; ++s) {
+      const int64_t c = first[b * g.in_d + s];
+      if (c < 0)
+        p->idle_slices[idle[b]++] = s;
+      else
+        p->first_slices[next[b * p->chunks + c]++] = s;
+    }
+}
 
 // Image slices [lo, hi] that output slice (b, d) may write: a superset computed from the
 // extreme d-locations (the slices written are monotone in the location; NaN writes nothing).
@@ -318,6 +358,7 @@ SlabPlan plan_slabs(const Geometry& g, const scalar_t* u, const Strides5& ds, bo
   p.phases = fewest;
   for (int64_t k = fewest + 1; k <= 2 * fewest && 2 * k <= g.batch * p.chunks; ++k)
     if (cost(k) < cost(p.phases) && valid(k)) p.phases = k;
+  plan_zeroing(g, chunk, &p);
   return p;
 }
 
@@ -351,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, const at::Tensor
   at::Tensor grad_disp = scale ? *loc_grad
                                : empty_volume(need_disp ? at::IntArrayRef{g.batch, 3, g.out_d, g.out_h, g.out_w}
                                                         : at::IntArrayRef{0}, disp.options());
-  if (need_image) grad_image.zero_();
+  // (grad_image is zeroed by the schedule below: slice by slice in the slab schedule)
   if (!need_image && !need_disp) return {grad_image, grad_disp};
   const Strides5 is = strides5(image), ds = strides5(disp), gs = strides5(grad_out);
   const Strides5 ris = need_image ? strides5(grad_image) : is;
@@ -431,6 +472,12 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, const at::Tensor
 
     const SlabPlan plan = plan_slabs(g, u, ds, simd);
     if (plan.phases > 0) {
+      auto zero_slice = [&](int64_t b, int64_t s) {
+        for (int64_t c = 0; c < g.channels; ++c)
+          std::memset(gi + b * ris.b + c * ris.c + s * ris.d, 0, sizeof(scalar_t) * g.in_h * g.in_w);
+      };
+      for (int64_t b = 0; b < g.batch; ++b)
+        for (int64_t i = plan.idle_begin[b]; i < plan.idle_begin[b + 1]; ++i) zero_slice(b, plan.idle_slices[i]);
       with_channels([&](auto channels) {
         for (int64_t phase = 0; phase < plan.phases; ++phase) {
           // chunks phase, phase + K, ... of every batch item
@@ -438,6 +485,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, const at::Tensor
           auto body = [&](int64_t j0, int64_t j1) {
             for (int64_t j = j0; j < j1; ++j) {
               const int64_t b = j / per_batch, c = phase + (j % per_batch) * plan.phases;
+              const int64_t z = b * plan.chunks + c;
+              for (int64_t i = plan.zero_begin[z]; i < plan.zero_begin[z + 1]; ++i) zero_slice(b, plan.first_slices[i]);
               // By columns of the chunk's slices, for cache reuse as in for_each_row.
               const int64_t d1 = std::min(g.out_d, (c + 1) * plan.slices_per_chunk);
               for (int64_t h = 0; h < g.out_h; ++h)
@@ -450,6 +499,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, const at::Tensor
       return;
     }
 
+    grad_image.zero_();
     const int64_t nvox = g.out_d * g.out_h * g.out_w;
     TORCH_CHECK(nvox < std::numeric_limits<int32_t>::max(),
                 "warp_backward: more than 2^31 output voxels per batch item");
