@@ -3,7 +3,9 @@
     python tools/warp_simd_levels.py [--shape 160 192 224] [--levels avx2 1] [--rounds 7]
 
 On the benchmark's displacement (benchmarks.common.smooth_displacement), one channel: the
-forward, the forward with the location gradient (warp_with_loc_grad), and the backward (both gradients, image gradient only, displacement gradient only)
+forward, the forward with the location gradient (warp_with_loc_grad), the backward (both
+gradients, image gradient only, displacement gradient only) and the backward of the
+location-gradient forward (warp_backward_with_loc_grad)
 at each DEEPATLAS_FAST_SIMD level (0: scalar code, avx2: AVX2 rows, 1: the best rows the CPU
 runs; the kernels read the variable at every call). The levels are timed in alternating rounds
 after warm-up rounds (this VM's speed drifts within a run); each level's results are checked
@@ -24,7 +26,8 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # benchmarks/ (after 
 from benchmarks.common import DEFAULT_SHAPE, smooth_displacement  # noqa: E402
 
 CASES = {"forward": None, "forward with location gradient": "loc", "backward, both gradients": [True, True],
-         "backward, image gradient": [True, False], "backward, disp gradient": [False, True]}
+         "backward, image gradient": [True, False], "backward, disp gradient": [False, True],
+         "backward with location gradient (image gradient, loc_grad * grad_out)": "loc_backward"}
 
 
 def time_levels(shape, levels, rounds: int = 7, warmup: int = 10) -> dict:
@@ -34,9 +37,13 @@ def time_levels(shape, levels, rounds: int = 7, warmup: int = 10) -> dict:
     image, grad = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
     disp = smooth_displacement(shape)
 
-    def call(mask):
+    loc = ops.warp_with_loc_grad(image, disp, "zeros")[1]
+
+    def call(mask, buf=None):
         if mask == "loc":  # what deepatlas_fast.warp runs when disp will get a gradient
             return ops.warp_with_loc_grad(image, disp, "zeros")
+        if mask == "loc_backward":  # and its backward when the image needs a gradient too
+            return ops.warp_backward_with_loc_grad(grad, image, disp, buf, "zeros"), buf
         if mask is None:
             return (ops.warp(image, disp, "linear", "zeros"),)
         return ops.warp_backward(grad, image, disp, "linear", "zeros", mask)
@@ -49,8 +56,9 @@ def time_levels(shape, levels, rounds: int = 7, warmup: int = 10) -> dict:
             for level in levels:
                 os.environ["DEEPATLAS_FAST_SIMD"] = level
                 for case, mask in CASES.items():
+                    buf = loc.clone() if mask == "loc_backward" else None  # (the op overwrites it)
                     t0 = time.perf_counter()
-                    out = call(mask)
+                    out = call(mask, buf)
                     if r >= warmup:
                         times[case][level].append(time.perf_counter() - t0)
                     if r == 0 and level == levels[0]:
