@@ -56,6 +56,7 @@ def time_levels(shape, levels, rounds: int = 7, warmup: int = 10) -> dict:
             for level in levels:
                 os.environ["DEEPATLAS_FAST_SIMD"] = level
                 for case, mask in CASES.items():
+                    out = None  # the previous case's outputs are freed outside the timing
                     buf = loc.clone() if mask == "loc_backward" else None  # (the op overwrites it)
                     t0 = time.perf_counter()
                     out = call(mask, buf)
