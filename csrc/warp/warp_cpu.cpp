@@ -183,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> warp_with_loc_grad_cpu(const at::Tensor& imag
                                                           c10::string_view padding) {
   // (errors name warp: users reach this op through deepatlas_fast.warp)
   const Geometry g = check_inputs("warp", image, disp, "linear", padding);
-  TORCH_CHECK(g.channels == 1, "warp_with_loc_grad: image must have one channel, got ", g.channels);
+  TORCH_CHECK_VALUE(g.channels == 1, "warp_with_loc_grad: image must have one channel, got ", g.channels);
   at::Tensor out = empty_volume({g.batch, 1, g.out_d, g.out_h, g.out_w}, image.options());
   at::Tensor loc = empty_volume({g.batch, 3, g.out_d, g.out_h, g.out_w}, image.options());
   const Strides5 is = strides5(image), ds = strides5(disp), os = strides5(out), ls = strides5(loc);
