@@ -213,9 +213,9 @@ std::tuple<at::Tensor, at::Tensor> warp_with_loc_grad_cpu(const at::Tensor& imag
         // (casts: identity here, but this lambda is no template, so the branch is compiled
         // for double too; the AVX-512 copy differs in the image-gradient scatter only)
         if (simd != SimdLevel::None)
-          return avx2::backward_row(simd_row(g, ib, is, u, ds, b, d, h), reinterpret_cast<const float*>(&one), 0, 0,
-                                    nullptr, 0, 0, 0, reinterpret_cast<float*>(lrow), ls.c,
-                                    reinterpret_cast<float*>(orow), false, voxel);
+          return avx2::backward_row<kDispGrad | kOutput | kOneChannel>(
+              simd_row(g, ib, is, u, ds, b, d, h), reinterpret_cast<const float*>(&one), 0, 0, nullptr, 0, 0, 0,
+              reinterpret_cast<float*>(lrow), ls.c, reinterpret_cast<float*>(orow), voxel);
       }
       for (int64_t w = 0; w < g.out_w; ++w) voxel(w);
     });
@@ -446,12 +446,24 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, const at::Tensor
           const float* gorow = go + b * gs.b + d * gs.d + h * gs.h;
           const auto sd = static_cast<int32_t>(ris.d), sh = static_cast<int32_t>(ris.h);
           float* gdrow = need_disp ? gd + b * rds.b + d * rds.d + h * rds.h : nullptr;
-          // The AVX-512 copy differs in the image-gradient scatter only (scatter_runs: backward
-          // with both gradients 63 -> 43 ms, 2 threads, benchmark field); for the disp gradient
-          // alone it measured a few % slower.
-          if (level == SimdLevel::Avx512 && need_image)
-            return avx512::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, nullptr, scale, voxel);
-          return avx2::backward_row(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, nullptr, scale, voxel);
+          auto rows = [&](auto what) {
+            constexpr int kWhat = decltype(what)::value | (decltype(channels)::value == 1 ? kOneChannel : 0);
+            // The AVX-512 copy differs in the image-gradient scatter only (scatter_runs: backward
+            // with both gradients 63 -> 43 ms, 2 threads, benchmark field); for the disp gradient
+            // alone it measured a few % slower.
+            if constexpr ((kWhat & kImageGrad) != 0) {
+              if (level == SimdLevel::Avx512)
+                return avx512::backward_row<kWhat>(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c,
+                                                   nullptr, voxel);
+            }
+            return avx2::backward_row<kWhat>(r, gorow, gs.c, gs.w, add.base, sd, sh, ris.c, gdrow, rds.c, nullptr,
+                                             voxel);
+          };
+          if (scale)  // (with the image gradient: warp_backward_with_loc_grad)
+            return rows(std::integral_constant<int, kImageGrad | kScaleLocGrad>{});
+          if (need_image && need_disp) return rows(std::integral_constant<int, kImageGrad | kDispGrad>{});
+          if (need_image) return rows(std::integral_constant<int, kImageGrad>{});
+          return rows(std::integral_constant<int, kDispGrad>{});
         }
       }
       for (int64_t w = 0; w < g.out_w; ++w) voxel(w);

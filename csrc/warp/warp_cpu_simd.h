@@ -41,6 +41,15 @@ struct RowArgs {
   float ad = 0, ah = 0;
 };
 
+// What a backward_row instantiation computes (its template argument, a sum of these).
+enum RowOutputs : int {
+  kImageGrad = 1,      // the image gradient (scatter)
+  kDispGrad = 2,       // the disp gradient, from the image's corners
+  kScaleLocGrad = 4,   // the disp gradient as location gradient * grad_out, in place
+  kOutput = 8,         // the forward's output too (with kDispGrad)
+  kOneChannel = 16,    // a one-channel image
+};
+
 // The best row code this CPU runs, capped by DEEPATLAS_FAST_SIMD (common/simd.h).
 inline SimdLevel simd_level() {
 #ifdef DA_WARP_SIMD
@@ -103,9 +112,9 @@ namespace avx512 {
 namespace avx2 {
 template <typename Fallback>
 void forward_row(const RowArgs&, float*, int64_t, const Fallback&) {}
-template <typename Fallback>
+template <int kWhat, typename Fallback>
 void backward_row(const RowArgs&, const float*, int64_t, int64_t, float*, int32_t, int32_t,
-                  int64_t, float*, int64_t, float*, bool, const Fallback&) {}
+                  int64_t, float*, int64_t, float*, const Fallback&) {}
 inline void min_max(const float*, int64_t, float*, float*) {}
 }  // namespace avx2
 namespace avx512 {

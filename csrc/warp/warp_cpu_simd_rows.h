@@ -474,17 +474,22 @@ DA_SIMD_INLINE void scatter_runs(float*, const int32_t*, const int32_t*, int32_t
 #endif
 
 // Backward of one output row (see backward_interior). go: grad_out row, channel stride go_c,
-// W stride go_w (0 or 1). If gi: the image gradient of this batch item, contiguous
-// [C, D, H, W] with strides gsd, gsh, gsc, scattered voxel after voxel in W order, each
-// voxel's 8 corners in the scalar order. If gd: the disp gradient row, channel stride gd_c.
-// If out (one channel, gd set): the forward's output row too, from the same corners, with
+// W stride go_w (0 or 1). kWhat (RowOutputs) says what it computes; the pointers of the rest
+// are unused. kImageGrad: the image gradient gi of this batch item, contiguous [C, D, H, W]
+// with strides gsd, gsh, gsc, scattered voxel after voxel in W order, each voxel's 8 corners
+// in the scalar order. kDispGrad: the disp gradient row gd, channel stride gd_c. kOutput (one
+// channel, with kDispGrad): the forward's output row out too, from the same corners, with
 // forward_row's operations (warp_with_loc_grad: gd is then the location gradient, go = 1).
-// If scale_gd (one channel; warp_backward_with_loc_grad): gd holds that location gradient and
-// is multiplied by go in place, instead of a disp gradient computed from the image.
-template <typename Fallback>
+// kScaleLocGrad (one channel; warp_backward_with_loc_grad): gd holds that location gradient
+// and is multiplied by go in place. (Compile-time, so that each caller's loop carries only its
+// own code.)
+template <int kWhat, typename Fallback>
 DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64_t go_w, float* gi,
                           int32_t gsd, int32_t gsh, int64_t gsc, float* gd, int64_t gd_c, float* out,
-                          bool scale_gd, const Fallback& fallback) {
+                          const Fallback& fallback) {
+  constexpr bool kI = kWhat & kImageGrad, kD = kWhat & kDispGrad, kS = kWhat & kScaleLocGrad,
+                 kO = kWhat & kOutput;
+  const int64_t channels = (kWhat & kOneChannel) ? 1 : r.channels;
   alignas(32) float pw[4][16];  // scatter weights, see scatter_block
   alignas(32) int32_t og[8];    // grad-image offsets of corner (0, 0, 0)
   const __m256 one = _mm256_set1_ps(1.f);
@@ -492,8 +497,8 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
   for (; w + 8 <= r.width; w += 8) {
     AheadCell ahead;
     if (ahead_cell(r, w, &ahead)) {  // the location once, its rows in each array read
-      if (gi) prefetch_cell(gi, gsd, gsh, ahead);
-      if (gd && !scale_gd) prefetch_cell(r.img, r.isd, r.ish, ahead);
+      if constexpr (kI) prefetch_cell(gi, gsd, gsh, ahead);
+      if constexpr (kD) prefetch_cell(r.img, r.isd, r.ish, ahead);
     }
     Block k;
     const int mask = interior_block(r, w, &k);
@@ -502,14 +507,14 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
     __m256i ogv = _mm256_setzero_si256();
     __m256 wz[2] = {}, wy[2] = {}, wx[2] = {};
     if (mask != 0) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(o), offsets(k, r.isd, r.ish));
-      if (gi) {
+      if constexpr (kD) _mm256_store_si256(reinterpret_cast<__m256i*>(o), offsets(k, r.isd, r.ish));
+      if constexpr (kI) {
         ogv = offsets(k, gsd, gsh);
         _mm256_store_si256(reinterpret_cast<__m256i*>(og), ogv);
+        wz[0] = _mm256_sub_ps(one, k.fz), wz[1] = k.fz;
+        wy[0] = _mm256_sub_ps(one, k.fy), wy[1] = k.fy;
+        wx[0] = _mm256_sub_ps(one, k.fx), wx[1] = k.fx;
       }
-      wz[0] = _mm256_sub_ps(one, k.fz), wz[1] = k.fz;
-      wy[0] = _mm256_sub_ps(one, k.fy), wy[1] = k.fy;
-      wx[0] = _mm256_sub_ps(one, k.fx), wx[1] = k.fx;
     }
     const bool run = !partial && run_block(k);
     // The non-interior voxels (partial blocks): in vector form, their scatter added per
@@ -518,14 +523,15 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
     if (partial) border.init(r, w, gsd, gsh);
     __m256 tz = _mm256_setzero_ps(), ty = tz, tx = tz;
     const float* p = r.img;
-    for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
+    for (int64_t c = 0; c < channels; ++c, p += r.isc) {
       const float* gc = go + c * go_c + w * go_w;
       const __m256 g = go_w ? _mm256_loadu_ps(gc) : _mm256_set1_ps(*gc);
-      if (scale_gd) {
+      if constexpr (kS) {
         tz = _mm256_mul_ps(_mm256_loadu_ps(gd + w), g);
         ty = _mm256_mul_ps(_mm256_loadu_ps(gd + gd_c + w), g);
         tx = _mm256_mul_ps(_mm256_loadu_ps(gd + 2 * gd_c + w), g);
-      } else if (gd && mask != 0) {
+      }
+      if (kD && mask != 0) {
         __m256 v[2][2][2];
         if (run)
           run_corners(p, o[0], r.isd, r.ish, v);
@@ -538,10 +544,10 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
         const __m256 e0 = lerp8(_mm256_sub_ps(v[0][0][1], v[0][0][0]), _mm256_sub_ps(v[0][1][1], v[0][1][0]), k.fy);
         const __m256 e1 = lerp8(_mm256_sub_ps(v[1][0][1], v[1][0][0]), _mm256_sub_ps(v[1][1][1], v[1][1][0]), k.fy);
         tx = _mm256_add_ps(tx, _mm256_mul_ps(g, lerp8(e0, e1, k.fz)));
-        if (out) _mm256_storeu_ps(out + w, lerp8(lerp8(a00, a01, k.fy), lerp8(a10, a11, k.fy), k.fz));
+        if constexpr (kO) _mm256_storeu_ps(out + w, lerp8(lerp8(a00, a01, k.fy), lerp8(a10, a11, k.fy), k.fz));
       }
-      if (partial) border.add(p, g, gd != nullptr && !scale_gd, gi != nullptr);
-      if (!gi) continue;
+      if (partial) border.add(p, g, kD, kI);
+      if constexpr (!kI) continue;
       float* q = gi + c * gsc;
       if (mask != 0) {
         __m256 w0[4], w1[4];  // image row (i, j) at 2 * i + j: x and x + 1 weights times g
@@ -582,8 +588,8 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
             border.scatter(q, l);
         }
     }
-    if (out && partial) border_lanes(r, w, mask, out, 0);  // (as forward_row)
-    if (partial && !scale_gd) {
+    if (kO && partial) border_lanes(r, w, mask, out, 0);  // (as forward_row)
+    if (kD && partial) {
       __m256 bz, by, bx;
       border.finish(&bz, &by, &bx);
       const __m256 other = _mm256_castsi256_ps(lanes_not_in(mask));
@@ -591,7 +597,7 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
       ty = _mm256_blendv_ps(ty, by, other);
       tx = _mm256_blendv_ps(tx, bx, other);
     }
-    if (gd) {
+    if constexpr (kD || kS) {
       _mm256_storeu_ps(gd + w, tz);
       _mm256_storeu_ps(gd + gd_c + w, ty);
       _mm256_storeu_ps(gd + 2 * gd_c + w, tx);
