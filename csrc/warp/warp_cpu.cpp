@@ -160,7 +160,8 @@ at::Tensor warp_cpu(const at::Tensor& image, const at::Tensor& disp, c10::string
         };
         if constexpr (std::is_same<scalar_t, float>::value) {
           if (simd != SimdLevel::None)  // (the AVX-512 copy differs in the image-gradient scatter only)
-            return avx2::forward_row(simd_row(g, ib, is, u, ds, b, d, h), orow, os.c, voxel);
+            return avx2::forward_row<decltype(channels)::value == 1 ? kOneChannel : 0>(
+                simd_row(g, ib, is, u, ds, b, d, h), orow, os.c, voxel);
         }
         for (int64_t w = 0; w < g.out_w; ++w) voxel(w);
       });

@@ -41,7 +41,8 @@ struct RowArgs {
   float ad = 0, ah = 0;
 };
 
-// What a backward_row instantiation computes (its template argument, a sum of these).
+// What a backward_row instantiation computes (its template argument, a sum of these; forward_row
+// takes kOneChannel or 0).
 enum RowOutputs : int {
   kImageGrad = 1,      // the image gradient (scatter)
   kDispGrad = 2,       // the disp gradient, from the image's corners
@@ -110,7 +111,7 @@ namespace avx512 {
 #else  // no SIMD code on this compiler/ISA: simd_level() is None, callers take the scalar path
 
 namespace avx2 {
-template <typename Fallback>
+template <int kWhat, typename Fallback>
 void forward_row(const RowArgs&, float*, int64_t, const Fallback&) {}
 template <int kWhat, typename Fallback>
 void backward_row(const RowArgs&, const float*, int64_t, int64_t, float*, int32_t, int32_t,

@@ -226,14 +226,14 @@ DA_SIMD_INLINE __m256i lanes_not_in(int mask) {  // all-ones in the lanes whose 
 // fetched with masked gathers; non-finite locations give (z + y + x) * 0. Bit-identical to
 // the scalar code it replaces in the forward (on the benchmark field 3 % of the voxels, ~12 %
 // of the forward's timer samples; the forward got ~4 % faster).
-DA_SIMD_INLINE void border_lanes(const RowArgs& r, int64_t w, int mask, float* out, int64_t out_c) {
+DA_SIMD_INLINE void border_lanes(const RowArgs& r, int64_t w, int mask, float* out, int64_t out_c, int64_t channels) {
   const Stencil8 s = stencil8(r, w);
   const __m256 zero = _mm256_setzero_ps();
   __m256i off[2][2][2];
   corner_offsets(s, r.isd, r.ish, off);
   const __m256 nan = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(s.z, s.y), s.x), zero);
   const float* p = r.img;
-  for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
+  for (int64_t c = 0; c < channels; ++c, p += r.isc) {
     __m256 acc = zero;
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j)
@@ -311,9 +311,10 @@ struct Border {
 };
 
 // Forward of one output row: out[c * out_c + w] for w in [0, width). fallback(w) computes one
-// voxel with the scalar code (row tails).
-template <typename Fallback>
+// voxel with the scalar code (row tails). kWhat: kOneChannel or 0 (see RowOutputs).
+template <int kWhat, typename Fallback>
 DA_SIMD void forward_row(const RowArgs& r, float* out, int64_t out_c, const Fallback& fallback) {
+  const int64_t channels = (kWhat & kOneChannel) ? 1 : r.channels;
   int64_t w = 0;
   for (; w + 8 <= r.width; w += 8) {
     AheadCell ahead;
@@ -321,14 +322,14 @@ DA_SIMD void forward_row(const RowArgs& r, float* out, int64_t out_c, const Fall
     Block k;
     const int mask = interior_block(r, w, &k);
     if (mask == 0) {
-      border_lanes(r, w, mask, out, out_c);
+      border_lanes(r, w, mask, out, out_c, channels);
       continue;
     }
     alignas(32) int32_t o[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(o), offsets(k, r.isd, r.ish));
     const bool run = mask == 0xFF && run_block(k);
     const float* p = r.img;
-    for (int64_t c = 0; c < r.channels; ++c, p += r.isc) {
+    for (int64_t c = 0; c < channels; ++c, p += r.isc) {
       __m256 v[2][2][2];
       if (run)
         run_corners(p, o[0], r.isd, r.ish, v);
@@ -338,7 +339,7 @@ DA_SIMD void forward_row(const RowArgs& r, float* out, int64_t out_c, const Fall
       const __m256 c1 = lerp8(lerp8(v[1][0][0], v[1][0][1], k.fx), lerp8(v[1][1][0], v[1][1][1], k.fx), k.fy);
       _mm256_storeu_ps(out + c * out_c + w, lerp8(c0, c1, k.fz));
     }
-    if (mask != 0xFF) border_lanes(r, w, mask, out, out_c);  // overwrite the other lanes
+    if (mask != 0xFF) border_lanes(r, w, mask, out, out_c, channels);  // overwrite the other lanes
   }
   for (; w < r.width; ++w) fallback(w);
 }
@@ -588,7 +589,7 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
             border.scatter(q, l);
         }
     }
-    if (kO && partial) border_lanes(r, w, mask, out, 0);  // (as forward_row)
+    if (kO && partial) border_lanes(r, w, mask, out, 0, 1);  // (as forward_row)
     if (kD && partial) {
       __m256 bz, by, bx;
       border.finish(&bz, &by, &bx);
