@@ -66,17 +66,21 @@ inline Geometry check_inputs(const char* op, const at::Tensor& image, const at::
   return g;
 }
 
+// Checks that the tensor argument `name` of op has shape `sizes` (what the message says it
+// must: `must`) and image's dtype and device.
+inline void check_like_image(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef sizes,
+                             const char* must, const at::Tensor& image) {
+  TORCH_CHECK_VALUE(t.sizes() == sizes, op, ": ", name, " must ", must, " ", sizes, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == image.scalar_type(), op, ": ", name, " is ", t.scalar_type(),
+                   " but image is ", image.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == image.device(), op, ": ", name, " is on ", t.device(),
+                    " but image is on ", image.device());
+}
+
 inline void check_grad_out(const char* op, const at::Tensor& grad_out, const Geometry& g,
                            const at::Tensor& image) {
-  TORCH_CHECK_VALUE(grad_out.dim() == 5 && grad_out.size(0) == g.batch &&
-                        grad_out.size(1) == g.channels && grad_out.size(2) == g.out_d &&
-                        grad_out.size(3) == g.out_h && grad_out.size(4) == g.out_w,
-                    op, ": grad_out must have the output's shape [", g.batch, ", ", g.channels,
-                    ", ", g.out_d, ", ", g.out_h, ", ", g.out_w, "], got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == image.scalar_type(), op, ": grad_out is ",
-                   grad_out.scalar_type(), " but image is ", image.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.device() == image.device(), op, ": grad_out is on ",
-                    grad_out.device(), " but image is on ", image.device());
+  check_like_image(op, "grad_out", grad_out, {g.batch, g.channels, g.out_d, g.out_h, g.out_w},
+                   "have the output's shape", image);
 }
 
 }  // namespace warp

@@ -235,46 +235,25 @@ struct PlainAdd {
 // Schedule of the image-gradient scatter by blocks of output slices (see warp_backward_cpu).
 struct SlabPlan {
   int64_t slices_per_chunk = 1, chunks = 0, phases = 0;  // phases == 0: no valid plan
-  // Image slices each chunk zeroes before its rows (CSR over batch * chunks: first_slices
-  // [zero_begin[j], zero_begin[j + 1])), and those no chunk writes (CSR over batch items,
-  // zeroed first): each slice is zeroed once, by the first chunk run that may write it, just
-  // before the scatter reads it (rather than in a pass of its own, from which the scatter
-  // would read it back from memory).
-  std::vector<int64_t> zero_begin, first_slices, idle_begin, idle_slices;
+  // first_writer[b * in_d + s]: the chunk that zeroes image slice s of batch item b just before
+  // its rows: the first chunk run that may write it (-1: none may; zeroed first). Each slice is
+  // zeroed once, just before the scatter reads it, rather than in a pass of its own from which
+  // the scatter would read it back from memory.
+  std::vector<int64_t> first_writer;
 };
 
-// The zeroing lists of plan p (phases > 0) from the chunks' reach (per batch * chunks): chunks
-// run phase by phase, so a slice's first writer is the first chunk of that order reaching it.
-// Chunks of one phase reach disjoint slices, so no other chunk writes it while it is zeroed.
+// SlabPlan::first_writer from the chunks' reach (per batch * chunks): chunks run phase by phase,
+// so a slice's first writer is the first chunk of that order reaching it. Chunks of one phase
+// reach disjoint slices, so no other chunk writes it while it is zeroed.
 void plan_zeroing(const Geometry& g, const std::vector<std::pair<int64_t, int64_t>>& reach, SlabPlan* p) {
-  std::vector<int64_t> first(g.batch * g.in_d, -1);  // (b, slice) -> chunk
+  p->first_writer.assign(g.batch * g.in_d, -1);
   for (int64_t phase = 0; phase < p->phases; ++phase)
     for (int64_t b = 0; b < g.batch; ++b)
       for (int64_t c = phase; c < p->chunks; c += p->phases) {
         const auto& r = reach[b * p->chunks + c];
         for (int64_t s = r.first; s <= r.second; ++s)
-          if (first[b * g.in_d + s] < 0) first[b * g.in_d + s] = c;
+          if (p->first_writer[b * g.in_d + s] < 0) p->first_writer[b * g.in_d + s] = c;
       }
-  p->zero_begin.assign(g.batch * p->chunks + 1, 0);
-  p->idle_begin.assign(g.batch + 1, 0);
-  for (int64_t b = 0; b < g.batch; ++b)
-    for (int64_t s = 0; s < g.in_d; ++s) {
-      const int64_t c = first[b * g.in_d + s];
-      ++(c < 0 ? p->idle_begin[b + 1] : p->zero_begin[b * p->chunks + c + 1]);
-    }
-  for (size_t j = 1; j < p->zero_begin.size(); ++j) p->zero_begin[j] += p->zero_begin[j - 1];
-  for (size_t j = 1; j < p->idle_begin.size(); ++j) p->idle_begin[j] += p->idle_begin[j - 1];
-  p->first_slices.resize(p->zero_begin.back());
-  p->idle_slices.resize(p->idle_begin.back());
-  std::vector<int64_t> next(p->zero_begin.begin(), p->zero_begin.end() - 1), idle(p->idle_begin.begin(), p->idle_begin.end() - 1);
-  for (int64_t b = 0; b < g.batch; ++b)
-    for (int64_t s = 0; s < g.in_d; ++s) {
-      const int64_t c = first[b * g.in_d + s];
-      if (c < 0)
-        p->idle_slices[idle[b]++] = s;
-      else
-        p->first_slices[next[b * p->chunks + c]++] = s;
-    }
 }
 
 // Image slices [lo, hi] that output slice (b, d) may write: a superset computed from the
@@ -495,8 +474,11 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, const at::Tensor
         for (int64_t c = 0; c < g.channels; ++c)
           std::memset(gi + b * ris.b + c * ris.c + s * ris.d, 0, sizeof(scalar_t) * g.in_h * g.in_w);
       };
-      for (int64_t b = 0; b < g.batch; ++b)
-        for (int64_t i = plan.idle_begin[b]; i < plan.idle_begin[b + 1]; ++i) zero_slice(b, plan.idle_slices[i]);
+      auto zero_slices_of = [&](int64_t b, int64_t chunk) {  // chunk -1: the slices no chunk writes
+        for (int64_t s = 0; s < g.in_d; ++s)
+          if (plan.first_writer[b * g.in_d + s] == chunk) zero_slice(b, s);
+      };
+      for (int64_t b = 0; b < g.batch; ++b) zero_slices_of(b, -1);
       with_channels([&](auto channels) {
         for (int64_t phase = 0; phase < plan.phases; ++phase) {
           // chunks phase, phase + K, ... of every batch item
@@ -504,8 +486,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, const at::Tensor
           auto body = [&](int64_t j0, int64_t j1) {
             for (int64_t j = j0; j < j1; ++j) {
               const int64_t b = j / per_batch, c = phase + (j % per_batch) * plan.phases;
-              const int64_t z = b * plan.chunks + c;
-              for (int64_t i = plan.zero_begin[z]; i < plan.zero_begin[z + 1]; ++i) zero_slice(b, plan.first_slices[i]);
+              zero_slices_of(b, c);
               // By columns of the chunk's slices, for cache reuse as in for_each_row.
               const int64_t d1 = std::min(g.out_d, (c + 1) * plan.slices_per_chunk);
               for (int64_t h = 0; h < g.out_h; ++h)
@@ -607,13 +588,7 @@ at::Tensor warp_backward_with_loc_grad_cpu(const at::Tensor& grad_out, const at:
   const char* op = "warp_backward_with_loc_grad";
   const Geometry g = check_inputs(op, image, disp, "linear", padding);
   TORCH_CHECK_VALUE(g.channels == 1, op, ": image must have one channel, got ", g.channels);
-  TORCH_CHECK_VALUE(loc_grad.sizes() == at::IntArrayRef({g.batch, 3, g.out_d, g.out_h, g.out_w}), op,
-                    ": loc_grad must be [", g.batch, ", 3, ", g.out_d, ", ", g.out_h, ", ", g.out_w, "], got ",
-                    loc_grad.sizes());
-  TORCH_CHECK_TYPE(loc_grad.scalar_type() == image.scalar_type(), op, ": loc_grad is ", loc_grad.scalar_type(),
-                   " but image is ", image.scalar_type());
-  TORCH_CHECK_VALUE(loc_grad.device() == image.device(), op, ": loc_grad is on ", loc_grad.device(),
-                    " but image is on ", image.device());
+  check_like_image(op, "loc_grad", loc_grad, {g.batch, 3, g.out_d, g.out_h, g.out_w}, "be", image);
   return std::get<0>(backward_cpu(op, grad_out, image, disp, "linear", padding, {true, true}, &loc_grad));
 }
 
