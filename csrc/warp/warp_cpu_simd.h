@@ -39,6 +39,12 @@ struct RowArgs {
   const float* ay = nullptr;
   const float* ax = nullptr;
   float ad = 0, ah = 0;
+  // Rows of later output rows that their first access would miss, because the column order
+  // (for_each_row) interleaves more streams than the hardware prefetchers follow: fetched one
+  // cache line per 16 voxels of this row (fetch_next), those to be written for writing.
+  // Null: none.
+  const float* read_ahead[3] = {};
+  float* write_ahead[4] = {};
 };
 
 // What a backward_row instantiation computes (its template argument, a sum of these; forward_row
