@@ -444,15 +444,18 @@ DA_SIMD_INLINE void add_spans(float* base, const int32_t (&rows)[4], unsigned m1
 
 // Scatter of a block with 8 interior voxels that is not one run (run blocks take the
 // backward's run path), run by run (runs: see run_starts; 3.3 per block on the benchmark
-// field). Run s..e covers positions og[s] .. og[e] + 1 of each of the 4 image rows, as lanes
-// s..e + 1 of an 8-float vector at og[s] - s (at og[s] - s + 1, lanes s - 1..7, when e = 7):
-// a position receives voxel l - 1's x + 1 weight (w1), then voxel l's x weight (w0), the
-// scalar order, by two merge-masked adds between one masked load and one masked store. Runs
-// go in lane order, so a position two runs share also receives its weights in voxel order:
-// bit-identical to scatter_voxel, with 4 vector read-add-writes per run in place of 4 pair
-// read-add-writes and a 3-way branch per voxel (scatter_block). 8-float vectors, not 16:
-// image gradient alone 30.5 -> 27.5 ms (2 threads, benchmark field; a 64-byte access
-// at an arbitrary offset always spans two cache lines).
+// field, at least 2 here). Run s..e covers positions og[s] .. og[e] + 1 of each of the 4 image
+// rows: run 0 as lanes 0..e + 1 of an 8-float vector at og[0] (e + 1 <= 7 as a second run
+// follows), every later run (s >= 1) as lanes s - 1..e of one at og[s] - s + 1, which always
+// fits. A position receives voxel l - 1's x + 1 weight (w1), then voxel l's x weight (w0), the
+// scalar order, by two merge-masked adds between one load and one store. Runs go in lane
+// order, so a position two runs share also receives its weights in voxel order: bit-identical
+// to scatter_voxel, with 4 vector read-add-writes per run in place of 4 pair read-add-writes
+// and a 3-way branch per voxel (scatter_block). 8-float vectors, not 16: image gradient alone
+// 30.5 -> 27.5 ms (2 threads, benchmark field; a 64-byte access at an arbitrary offset always
+// spans two cache lines). One form for all later runs (not the first form for all runs but the
+// last, which ends at lane 8) saves a branch per run: image gradient with loc_grad -0.5..-1.2
+// ms (2 threads, benchmark field, switched in one process, three runs of 22-28 pairs).
 // ox: the lanes' x cells; width: the image's W.
 DA_SIMD_INLINE void scatter_runs(float* q, const int32_t* og, const int32_t* ox, int32_t width, unsigned starts,
                                  const __m256 (&w0)[4], const __m256 (&w1)[4], int32_t gsd, int32_t gsh) {
@@ -464,18 +467,21 @@ DA_SIMD_INLINE void scatter_runs(float* q, const int32_t* og, const int32_t* ox,
     w0d[r] = _mm256_permutevar8x32_ps(w0[r], down);
   }
   const int32_t rows[4] = {0, gsh, gsd, gsd + gsh};
-  while (starts) {
-    const int s = __builtin_ctz(starts);
-    starts &= starts - 1;
-    const int end = starts ? __builtin_ctz(starts) : 8;  // one past the run's last voxel
+  // Starts of runs 1, 2, ...: run 1 exists, as 8 lanes of one run are a run block (og
+  // continuing across image rows would need x cell W - 1, which is not interior).
+  unsigned rest = starts & (starts - 1);
+  int s = __builtin_ctz(rest);
+  rest &= rest - 1;
+  const unsigned first = (1u << s) - 1;  // run 0: lanes 0..s - 1
+  add_spans(q + og[0], rows, first << 1, first, w1u, w0, ox[0] + 8 <= width);
+  do {
+    const int end = __builtin_ctz(rest | 0x100u);  // one past the run's last voxel (8: the last run)
+    rest &= rest - 1;
     const unsigned lanes = ((1u << end) - 1) & ~((1u << s) - 1);
-    const int32_t x = ox[s] - s + (end < 8 ? 0 : 1);  // of the 8-float window's first lane
-    const bool whole = x >= 0 && x + 8 <= width;
-    if (end < 8)  // positions og[s] .. og[end - 1] + 1 as lanes s .. end at og[s] - s
-      add_spans(q + og[s] - s, rows, lanes << 1, lanes, w1u, w0, whole);
-    else  // run s..7, s >= 1 (not a run block): lanes s - 1 .. 7 at og[s] - s + 1
-      add_spans(q + og[s] - s + 1, rows, lanes, lanes >> 1, w1, w0d, whole);
-  }
+    const int32_t x = ox[s] - s + 1;  // of the 8-float window's first lane
+    add_spans(q + og[s] - s + 1, rows, lanes, lanes >> 1, w1, w0d, x >= 0 && x + 8 <= width);
+    s = end;
+  } while (s < 8);
 }
 #else  // AVX2: full blocks go by scatter_block, or as one run (backward_row)
 constexpr bool kScatterRuns = false;
