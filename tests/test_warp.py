@@ -161,6 +161,32 @@ def test_torch_compile_traces_the_op():
     torch.testing.assert_close(compiled(image, disp), 2 * warp_reference(image, disp))
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (vmap's per-sample fallback)
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_func_transforms(mode):
+    """torch.func.grad, vmap(grad) and jacrev over da.warp (they need an autograd.Function with
+    setup_context): the gradients equal plain autograd through the op, per sample too."""
+    image, disp = random_inputs(2, 1, (4, 5, 6), (3, 4, 5), 1.5)
+    image_b, disp_b = image[:1], disp[:1]
+
+    def loss(i, d):
+        return (da.warp(i, d, mode=mode) ** 2).sum()
+
+    gi, gd = torch.func.grad(loss, argnums=(0, 1))(image_b, disp_b)
+    i2, d2 = image_b.clone().requires_grad_(), disp_b.clone().requires_grad_()
+    (torch.ops.deepatlas_fast.warp(i2, d2, mode, "zeros") ** 2).sum().backward()
+    assert torch.equal(gi, i2.grad) and torch.equal(gd, d2.grad)
+
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=1))(image[:, None], disp[:, None])
+    for k in range(2):
+        assert torch.equal(per_sample[k], torch.func.grad(loss, argnums=1)(image[k : k + 1], disp[k : k + 1]))
+
+    jac = torch.func.jacrev(lambda d: da.warp(image_b, d, mode=mode))(disp_b)
+    ref = torch.autograd.functional.jacobian(
+        lambda d: torch.ops.deepatlas_fast.warp(image_b, d, mode, "zeros"), disp_b)
+    torch.testing.assert_close(jac, ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "image_shape, disp_shape, kwargs, error, match",
     [
