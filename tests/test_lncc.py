@@ -125,6 +125,21 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.deepatlas_fast.lncc.default, (a.requires_grad_(), b.requires_grad_(), 3, 1e-5))
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (vmap's per-sample fallback)
+def test_torch_func_transforms():
+    """torch.func.grad and vmap(grad) over da.lncc equal plain autograd through the op."""
+    a, b = pair((2, 1, 4, 5, 6))
+
+    def loss(x, y):
+        return (1 - da.lncc(x, y, window=3)).sum()
+
+    ga, gb = torch.func.grad(loss, argnums=(0, 1))(a, b)
+    assert all(torch.equal(x, y) for x, y in zip((ga, gb), grads(lambda x, y: loss(x, y), a, b, None)))
+    per_sample = torch.func.vmap(torch.func.grad(loss))(a[:, None], b[:, None])
+    for k in range(2):
+        assert torch.equal(per_sample[k], grads(loss, a[k : k + 1], b[k : k + 1], None)[0])
+
+
 def test_torch_compile_traces_the_op():
     a, b = pair((1, 1, 5, 5, 5))
     compiled = torch.compile(lambda x, y: 1 - da.lncc(x, y, window=3), backend="eager", fullgraph=True)

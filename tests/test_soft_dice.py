@@ -163,6 +163,22 @@ def test_opcheck(labels):
     torch.library.opcheck(torch.ops.deepatlas_fast.soft_dice_sums.default, (logits.requires_grad_(), target, True))
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (vmap's per-sample fallback)
+@pytest.mark.parametrize("labels", [True, False])
+def test_torch_func_transforms(labels):
+    """torch.func.grad and vmap(grad) over da.soft_dice equal plain autograd through the op."""
+    logits, target = inputs(2, 3, (3, 4, 5), labels)
+
+    def loss(p, t):
+        return (1 - da.soft_dice(p, t, from_logits=True)).sum()
+
+    g = torch.func.grad(loss)(logits, target)
+    assert torch.equal(g, grads(loss, logits, target, None)[0])
+    per_sample = torch.func.vmap(torch.func.grad(loss))(logits[:, None], target[:, None])
+    for k in range(2):
+        assert torch.equal(per_sample[k], grads(loss, logits[k : k + 1], target[k : k + 1], None)[0])
+
+
 def test_torch_compile_traces_the_op():
     logits, target = inputs(1, 3, (4, 4, 4), True)
     compiled = torch.compile(lambda p, t: 1 - da.soft_dice(p, t, from_logits=True), backend="eager", fullgraph=True)

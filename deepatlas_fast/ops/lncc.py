@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import ops
+from ._library import for_transforms, functorch_active, ops
 
 
 def lncc(a: torch.Tensor, b: torch.Tensor, *, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
@@ -39,6 +39,8 @@ def lncc(a: torch.Tensor, b: torch.Tensor, *, window: int = 9, eps: float = 1e-5
     window = int(window)
     if window < 3 or window > 15 or window % 2 == 0:
         raise ValueError(f"lncc: window must be odd and in [3, 15], got {window}")
+    if functorch_active():  # torch.func transforms need setup_context (see for_transforms)
+        return _LnccForTransforms.apply(a, b, window, float(eps))
     return ops.lncc(a, b, window, float(eps))
 
 
@@ -69,3 +71,4 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("deepatlas_fast::lncc", _backward, setup_context=_setup_context)
+_LnccForTransforms = for_transforms(ops.lncc, _setup_context, _backward, "_LnccForTransforms")

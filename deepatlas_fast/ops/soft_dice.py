@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import ops
+from ._library import for_transforms, functorch_active, ops
 
 
 def soft_dice(probs: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-6, from_logits: bool = False) -> torch.Tensor:
@@ -26,7 +26,10 @@ def soft_dice(probs: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-6, f
     deterministic for any thread count. CUDA: also float16/bfloat16 with float32 sums; integer
     labels are range-checked on the host (one sync in forward).
     """
-    sums = ops.soft_dice_sums(probs, target, bool(from_logits))
+    if functorch_active():  # torch.func transforms need setup_context (see for_transforms)
+        sums = _SumsForTransforms.apply(probs, target, bool(from_logits))
+    else:
+        sums = ops.soft_dice_sums(probs, target, bool(from_logits))
     inter, p_sum, t_sum = sums.unbind(-1)
     return (2 * inter + eps) / (p_sum + t_sum + eps)
 
@@ -58,3 +61,4 @@ def _backward(ctx, grad_sums):
 
 
 torch.library.register_autograd("deepatlas_fast::soft_dice_sums", _backward, setup_context=_setup_context)
+_SumsForTransforms = for_transforms(ops.soft_dice_sums, _setup_context, _backward, "_SumsForTransforms")

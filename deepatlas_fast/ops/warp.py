@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import ops
+from ._library import for_transforms, functorch_active, ops
 
 MODES = ("linear", "nearest")
 PADDINGS = ("zeros", "border")
@@ -42,19 +42,11 @@ def warp(image: torch.Tensor, disp: torch.Tensor, *, mode: str = "linear", paddi
         raise ValueError(f"warp: mode must be one of {MODES}, got {mode!r}")
     if padding not in PADDINGS:
         raise ValueError(f"warp: padding must be one of {PADDINGS}, got {padding!r}")
-    if _functorch_active():
+    if functorch_active():  # (the Functions below have no setup_context, which transforms need)
         return _WarpForTransforms.apply(image, disp, mode, padding)
     if _saves_loc_grad(image, disp, mode):
         return _WarpSavingLocGrad.apply(image, disp, padding)
     return ops.warp(image, disp, mode, padding)
-
-
-def _functorch_active() -> bool:
-    """Inside torch.func.grad / vjp / jacrev / vmap. The autograd of a torch.library op
-    (register_autograd) and _WarpSavingLocGrad have no setup_context, which those transforms
-    require; _WarpForTransforms has."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active is not None and active())
 
 
 def _saves_loc_grad(image, disp, mode) -> bool:
@@ -98,29 +90,6 @@ class _WarpSavingLocGrad(torch.autograd.Function):
         else:
             grad_image, grad_disp = None, loc_grad.mul_(grad_out)  # grad_out broadcasts over (d, h, w)
         return (grad_image if need[0] else None), (grad_disp if need[1] else None), None
-
-
-class _WarpForTransforms(torch.autograd.Function):
-    """warp under torch.func transforms: the plain ops, with forward and setup_context apart
-    (as functorch requires) and a vmap rule generated from them (the ops then run per sample).
-    Not twice differentiable (warp_backward has no derivative)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(image, disp, mode, padding):
-        return ops.warp(image, disp, mode, padding)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        image, disp, mode, padding = inputs
-        ctx.mode, ctx.padding = mode, padding
-        ctx.save_for_backward(image, disp)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        return _backward(ctx, grad_out)
 
 
 def _out_shape(image, disp):
@@ -167,3 +136,4 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("deepatlas_fast::warp", _backward, setup_context=_setup_context)
+_WarpForTransforms = for_transforms(ops.warp, _setup_context, _backward, "_WarpForTransforms")
