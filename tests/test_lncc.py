@@ -125,7 +125,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.deepatlas_fast.lncc.default, (a.requires_grad_(), b.requires_grad_(), 3, 1e-5))
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (vmap's per-sample fallback)
+@pytest.mark.filterwarnings("error:There is a performance drop")  # vmap must not fall back to a loop
 def test_torch_func_transforms():
     """torch.func.grad and vmap(grad) over da.lncc equal plain autograd through the op."""
     a, b = pair((2, 1, 4, 5, 6))

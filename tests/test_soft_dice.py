@@ -163,7 +163,7 @@ def test_opcheck(labels):
     torch.library.opcheck(torch.ops.deepatlas_fast.soft_dice_sums.default, (logits.requires_grad_(), target, True))
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (vmap's per-sample fallback)
+@pytest.mark.filterwarnings("error:There is a performance drop")  # vmap must not fall back to a loop
 @pytest.mark.parametrize("labels", [True, False])
 def test_torch_func_transforms(labels):
     """torch.func.grad and vmap(grad) over da.soft_dice equal plain autograd through the op."""

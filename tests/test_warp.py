@@ -161,11 +161,12 @@ def test_torch_compile_traces_the_op():
     torch.testing.assert_close(compiled(image, disp), 2 * warp_reference(image, disp))
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (vmap's per-sample fallback)
+@pytest.mark.filterwarnings("error:There is a performance drop")  # vmap must not fall back to a loop
 @pytest.mark.parametrize("mode", MODES)
 def test_torch_func_transforms(mode):
-    """torch.func.grad, vmap(grad) and jacrev over da.warp (they need an autograd.Function with
-    setup_context): the gradients equal plain autograd through the op, per sample too."""
+    """torch.func.grad, vmap and vmap(grad), jacrev over da.warp (they need an autograd.Function
+    with setup_context; vmap merges its dimension into the batch): the results equal plain
+    autograd through the op, per sample too."""
     image, disp = random_inputs(2, 1, (4, 5, 6), (3, 4, 5), 1.5)
     image_b, disp_b = image[:1], disp[:1]
 
@@ -177,9 +178,16 @@ def test_torch_func_transforms(mode):
     (torch.ops.deepatlas_fast.warp(i2, d2, mode, "zeros") ** 2).sum().backward()
     assert torch.equal(gi, i2.grad) and torch.equal(gd, d2.grad)
 
-    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=1))(image[:, None], disp[:, None])
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)))(image[:, None], disp[:, None])
     for k in range(2):
-        assert torch.equal(per_sample[k], torch.func.grad(loss, argnums=1)(image[k : k + 1], disp[k : k + 1]))
+        gi_k, gd_k = torch.func.grad(loss, argnums=(0, 1))(image[k : k + 1], disp[k : k + 1])
+        assert torch.equal(per_sample[1][k], gd_k)
+        # (the image gradient's order of summation depends on the batch size: rounding only)
+        torch.testing.assert_close(per_sample[0][k], gi_k, rtol=1e-12, atol=1e-12)
+
+    # an image shared by all samples, the samples along dimension 1 of disp
+    out = torch.vmap(lambda i, d: da.warp(i, d, mode=mode), in_dims=(None, 1))(image_b, disp[None])
+    assert torch.equal(out, torch.stack([da.warp(image_b, disp[k : k + 1], mode=mode) for k in range(2)]))
 
     jac = torch.func.jacrev(lambda d: da.warp(image_b, d, mode=mode))(disp_b)
     ref = torch.autograd.functional.jacobian(

@@ -26,7 +26,7 @@ def for_transforms(op, setup_context, backward, name: str):
     """An autograd.Function calling ``op`` with the op's own setup_context and backward (those
     given to register_autograd), for torch.func transforms: they need forward and setup_context
     apart, which the Function that register_autograd generates does not have. Its vmap rule is
-    generated (the op then runs sample by sample). Not twice differentiable (the backward ops
+    generated from the ops' own (merge_batch_vmap). Not twice differentiable (the backward ops
     have no derivative)."""
 
     def forward(*args):
@@ -42,3 +42,32 @@ def for_transforms(op, setup_context, backward, name: str):
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward_fn),
     })
+
+
+def merge_batch_vmap(name: str, tensor_args: int) -> None:
+    """torch.vmap rule for op ``name``, whose first ``tensor_args`` arguments are tensors with
+    the batch first and whose outputs have the batch first (or are empty, for a gradient not
+    asked for): the vmapped dimension is merged into the batch, so that the op runs once
+    rather than once per sample (PyTorch's fallback). Inputs not vmapped are expanded."""
+    op = getattr(ops, name)
+
+    def rule(info, in_dims, *args):
+        n = info.batch_size
+        merged = list(args)
+        for i in range(tensor_args):
+            t, dim = args[i], in_dims[i]
+            t = t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+            merged[i] = t.reshape(n * t.shape[1], *t.shape[2:])
+        out = op(*merged)
+
+        def split(o):
+            if o.dim() == 1 and o.numel() == 0:  # a gradient not asked for (output_mask)
+                return o, None
+            return o.reshape(n, o.shape[0] // n, *o.shape[1:]), 0
+
+        if isinstance(out, (tuple, list)):
+            pairs = [split(o) for o in out]
+            return tuple(o for o, _ in pairs), tuple(d for _, d in pairs)
+        return split(out)
+
+    torch.library.register_vmap(f"deepatlas_fast::{name}", rule)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import for_transforms, functorch_active, ops
+from ._library import for_transforms, functorch_active, merge_batch_vmap, ops
 
 
 def lncc(a: torch.Tensor, b: torch.Tensor, *, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
@@ -72,3 +72,5 @@ def _backward(ctx, grad_out):
 
 torch.library.register_autograd("deepatlas_fast::lncc", _backward, setup_context=_setup_context)
 _LnccForTransforms = for_transforms(ops.lncc, _setup_context, _backward, "_LnccForTransforms")
+merge_batch_vmap("lncc", 2)
+merge_batch_vmap("lncc_backward", 3)

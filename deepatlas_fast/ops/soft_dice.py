@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import for_transforms, functorch_active, ops
+from ._library import for_transforms, functorch_active, merge_batch_vmap, ops
 
 
 def soft_dice(probs: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-6, from_logits: bool = False) -> torch.Tensor:
@@ -62,3 +62,5 @@ def _backward(ctx, grad_sums):
 
 torch.library.register_autograd("deepatlas_fast::soft_dice_sums", _backward, setup_context=_setup_context)
 _SumsForTransforms = for_transforms(ops.soft_dice_sums, _setup_context, _backward, "_SumsForTransforms")
+merge_batch_vmap("soft_dice_sums", 2)
+merge_batch_vmap("soft_dice_sums_backward", 3)

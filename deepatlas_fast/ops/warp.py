@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import for_transforms, functorch_active, ops
+from ._library import for_transforms, functorch_active, merge_batch_vmap, ops
 
 MODES = ("linear", "nearest")
 PADDINGS = ("zeros", "border")
@@ -28,7 +28,8 @@ def warp(image: torch.Tensor, disp: torch.Tensor, *, mode: str = "linear", paddi
         ``grid_sample(image, normalise(identity + disp)[..., [2, 1, 0]], align_corners=True)``.
         A non-finite displacement gives NaN at that voxel.
 
-    Gradients flow to both inputs (only to those that require them). CPU: float32/float64,
+    Gradients flow to both inputs (only to those that require them); torch.func transforms
+    (grad, vjp, jacrev, vmap) work too. CPU: float32/float64,
     deterministic. CUDA: also float16/bfloat16 (float32 accumulation); the image gradient uses
     atomics and is not bitwise deterministic.
 
@@ -137,3 +138,5 @@ def _backward(ctx, grad_out):
 
 torch.library.register_autograd("deepatlas_fast::warp", _backward, setup_context=_setup_context)
 _WarpForTransforms = for_transforms(ops.warp, _setup_context, _backward, "_WarpForTransforms")
+merge_batch_vmap("warp", 2)
+merge_batch_vmap("warp_backward", 3)
