@@ -188,6 +188,11 @@ def test_torch_func_transforms(mode):
     # an image shared by all samples, the samples along dimension 1 of disp
     out = torch.vmap(lambda i, d: da.warp(i, d, mode=mode), in_dims=(None, 1))(image_b, disp[None])
     assert torch.equal(out, torch.stack([da.warp(image_b, disp[k : k + 1], mode=mode) for k in range(2)]))
+    # the shared image's gradient through that vmap: summed over the samples
+    g = torch.func.grad(lambda i: torch.vmap(lambda d: loss(i, d), in_dims=1)(disp[None]).sum())(image_b)
+    i3 = image_b.clone().requires_grad_()
+    sum(loss(i3, disp[k : k + 1]) for k in range(2)).backward()
+    torch.testing.assert_close(g, i3.grad, rtol=1e-12, atol=1e-12)
 
     jac = torch.func.jacrev(lambda d: da.warp(image_b, d, mode=mode))(disp_b)
     ref = torch.autograd.functional.jacobian(
