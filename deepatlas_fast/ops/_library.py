@@ -25,9 +25,9 @@ def functorch_active() -> bool:
 def for_transforms(op, setup_context, backward, name: str):
     """An autograd.Function calling ``op`` with the op's own setup_context and backward (those
     given to register_autograd), for torch.func transforms: they need forward and setup_context
-    apart, which the Function that register_autograd generates does not have. Its vmap rule is
-    generated from the ops' own (merge_batch_vmap). Not twice differentiable (the backward ops
-    have no derivative)."""
+    apart, which the Function that register_autograd generates does not have. functorch
+    generates its vmap rule from those of the ops it calls (merge_batch_vmap). Not twice
+    differentiable (the backward ops have no derivative)."""
 
     def forward(*args):
         return op(*args)
