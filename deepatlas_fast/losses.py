@@ -1,5 +1,6 @@
-"""Losses of DeepAtlas: image similarity (LNCC, global NCC), soft Dice, and displacement
-regularisers (diffusion, bending energy). All return a scalar to minimise."""
+"""Losses of DeepAtlas: image similarity (LNCC, global NCC), segmentation (soft Dice,
+cross-entropy, their sum), and displacement regularisers (diffusion, bending energy). All return
+a scalar to minimise."""
 from __future__ import annotations
 
 import torch
@@ -23,25 +24,85 @@ def ncc_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tenso
     return 1 - ncc.mean()
 
 
-def dice_loss(probs: torch.Tensor, target: torch.Tensor, *, include_background: bool = False,
-              from_logits: bool = False, eps: float = 1e-6, reduction: str = "mean") -> torch.Tensor:
+def dice_loss(probs: torch.Tensor, target: torch.Tensor, *, include_background: bool = True,
+              from_logits: bool = False, eps: float = 1e-6, weight: torch.Tensor | None = None,
+              reduction: str = "mean") -> torch.Tensor:
     """1 - soft Dice (DeepAtlas form, see ``deepatlas_fast.soft_dice``).
 
     Args:
         probs: [B, C, ...] probabilities (or logits with ``from_logits``).
         target: integer labels [B, 1, ...] or probabilities [B, C, ...].
-        include_background: keep class 0 (excluded by default, as in DeepAtlas).
-        reduction: "mean" averages over classes then batch (every class weighs the same,
-            whatever its size); "none" returns the per-class losses [B, C'].
+        include_background: keep class 0 (the default, as DeepAtlas's official code and MONAI
+            do). Without it nothing pulls a voxel towards background, and a structure whose
+            probability has collapsed everywhere gets almost no gradient back.
+        weight: optional per-class weights [C] for the class mean.
+        reduction: "mean" averages over classes (weighted) then batch; "none" returns the
+            per-class losses [B, C'].
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"dice_loss: reduction must be 'mean' or 'none', got {reduction!r}")
     d = soft_dice(probs, target, eps=eps, from_logits=from_logits)
+    w = _class_weight(weight, d.shape[1], d)
     if not include_background:
         if d.shape[1] < 2:
             raise ValueError("dice_loss: include_background=False needs at least 2 classes")
         d = d[:, 1:]
-    return 1 - d if reduction == "none" else 1 - d.mean()
+        w = None if w is None else w[1:]
+    if reduction == "none":
+        return 1 - d
+    if w is None:
+        return 1 - d.mean()
+    return 1 - (d * w).sum(1).mean() / w.sum()
+
+
+def cross_entropy(pred: torch.Tensor, target: torch.Tensor, *, from_logits: bool = True,
+                  weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Voxel-mean cross-entropy -sum_c t_c log p_c.
+
+    Args:
+        pred: [B, C, ...] logits (``from_logits``) or probabilities (e.g. a warped softmax);
+            probabilities are clamped to ``eps`` before the log.
+        target: integer labels [B, 1, ...] or probabilities [B, C, ...] (soft targets, such as
+            an atlas's one-hot labels warped by a registration).
+        weight: optional per-class weights [C] (each voxel's term is scaled by its class weight;
+            the mean is over voxels, not over weights).
+    """
+    if pred.dim() < 3:
+        raise ValueError(f"cross_entropy: pred must be [B, C, ...], got shape {tuple(pred.shape)}")
+    w = _class_weight(weight, pred.shape[1], pred)
+    logp = pred.log_softmax(1) if from_logits else pred.clamp_min(eps).log()
+    if target.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if target.shape[1] != 1 or target.shape[2:] != pred.shape[2:]:
+            raise ValueError(f"cross_entropy: integer target must be [B, 1, ...] on pred's grid, "
+                             f"got {tuple(target.shape)} for pred {tuple(pred.shape)}")
+        per_voxel = torch.nn.functional.nll_loss(logp, target[:, 0].long(), weight=w, reduction="none")
+        return per_voxel.mean()
+    if target.shape != pred.shape:
+        raise ValueError(f"cross_entropy: probability target must match pred's shape {tuple(pred.shape)}, "
+                         f"got {tuple(target.shape)}")
+    t = target if w is None else target * w.view(1, -1, *([1] * (pred.dim() - 2)))
+    return -(t * logp).sum(1).mean()
+
+
+def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, *, from_logits: bool = True,
+                      include_background: bool = True, lambda_ce: float = 1.0,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft Dice loss + ``lambda_ce`` x cross-entropy: the supervised loss of F_S and the anatomy
+    loss that trains it. Dice balances the classes whatever their size; the cross-entropy keeps a
+    gradient on every voxel, so a class whose probability is near 0 recovers."""
+    loss = dice_loss(pred, target, from_logits=from_logits, include_background=include_background, weight=weight)
+    if lambda_ce:
+        loss = loss + lambda_ce * cross_entropy(pred, target, from_logits=from_logits, weight=weight)
+    return loss
+
+
+def _class_weight(weight, num_classes: int, like: torch.Tensor):
+    if weight is None:
+        return None
+    w = torch.as_tensor(weight, dtype=like.dtype, device=like.device).reshape(-1)
+    if w.numel() != num_classes or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"class weights must be {num_classes} finite values >= 0, not all 0; got {weight}")
+    return w
 
 
 def gradient_l2(disp: torch.Tensor) -> torch.Tensor:

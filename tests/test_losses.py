@@ -29,13 +29,14 @@ def test_dice_loss_background_and_reduction():
     logits = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
     y = torch.randint(0, 4, (2, 1, 5, 6, 7))
     d = soft_dice_reference(logits, y, from_logits=True)
-    torch.testing.assert_close(losses.dice_loss(logits, y, from_logits=True), 1 - d[:, 1:].mean())
-    torch.testing.assert_close(losses.dice_loss(logits, y, from_logits=True, include_background=True), 1 - d.mean())
-    torch.testing.assert_close(losses.dice_loss(logits.softmax(1), y, reduction="none"), 1 - d[:, 1:])
+    torch.testing.assert_close(losses.dice_loss(logits, y, from_logits=True), 1 - d.mean())
+    torch.testing.assert_close(losses.dice_loss(logits, y, from_logits=True, include_background=False), 1 - d[:, 1:].mean())
+    torch.testing.assert_close(losses.dice_loss(logits.softmax(1), y, reduction="none", include_background=False),
+                               1 - d[:, 1:])
     with pytest.raises(ValueError, match="reduction"):
         losses.dice_loss(logits, y, reduction="sum")
     with pytest.raises(ValueError, match="at least 2 classes"):
-        losses.dice_loss(logits[:, :1], torch.zeros_like(y))
+        losses.dice_loss(logits[:, :1], torch.zeros_like(y), include_background=False)
 
 
 def test_gradient_l2_matches_reference_and_vanishes_on_constants():
@@ -66,3 +67,60 @@ def test_regularisers_have_gradients():
     disp = torch.randn(1, 3, 5, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(losses.gradient_l2, (disp,))
     assert torch.autograd.gradcheck(losses.bending_energy, (disp,))
+
+
+def _fit_collapsed_class(loss_fn, steps=300, lr=5.0):
+    """Logits w_c * x + b_c of a 3-class image (x = 0, 0.5, 1 for classes 0, 1, 2) where class 2
+    starts at probability ~1e-11 everywhere; plain gradient descent -> Dice of class 2."""
+    y = torch.zeros(1, 1, 6, 6, 6, dtype=torch.long)
+    y[..., :3, :] = 1
+    y[..., 4:, :, :] = 2
+    x = y.double() / 2
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.0, 0.0, -25.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([w, b], lr=lr)
+    for _ in range(steps):
+        logits = w.view(1, 3, 1, 1, 1) * x + b.view(1, 3, 1, 1, 1)
+        opt.zero_grad()
+        loss_fn(logits, y).backward()
+        opt.step()
+    pred = (w.view(1, 3, 1, 1, 1) * x + b.view(1, 3, 1, 1, 1)).argmax(1, keepdim=True)
+    return 2 * ((pred == 2) & (y == 2)).sum().item() / ((pred == 2).sum() + (y == 2).sum()).item()
+
+
+def test_a_collapsed_class_recovers_under_the_segmentation_loss():
+    assert _fit_collapsed_class(lambda p, y: losses.segmentation_loss(p, y)) == 1.0
+    # Dice without background and without cross-entropy: the class's gradient is ~its probability
+    assert _fit_collapsed_class(lambda p, y: losses.dice_loss(p, y, from_logits=True, include_background=False)) == 0.0
+
+
+def test_cross_entropy_matches_torch_and_soft_targets():
+    logits = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
+    y = torch.randint(0, 4, (2, 1, 5, 6, 7))
+    torch.testing.assert_close(losses.cross_entropy(logits, y), torch.nn.functional.cross_entropy(logits, y[:, 0]))
+    onehot = torch.nn.functional.one_hot(y[:, 0], 4).movedim(-1, 1).double()
+    torch.testing.assert_close(losses.cross_entropy(logits, onehot), torch.nn.functional.cross_entropy(logits, y[:, 0]))
+    w = torch.tensor([0.5, 1.0, 2.0, 0.0], dtype=torch.float64)
+    expected = (torch.nn.functional.cross_entropy(logits, y[:, 0], reduction="none") * w[y[:, 0]]).mean()
+    torch.testing.assert_close(losses.cross_entropy(logits, y, weight=w), expected)
+    torch.testing.assert_close(losses.cross_entropy(logits, onehot, weight=w), expected)
+    probs = logits.softmax(1)  # probabilities in: log of the clamped probabilities
+    torch.testing.assert_close(losses.cross_entropy(probs, y, from_logits=False),
+                               torch.nn.functional.cross_entropy(logits, y[:, 0]))
+    with pytest.raises(ValueError, match="match"):
+        losses.cross_entropy(logits, onehot[:, :3])
+    with pytest.raises(ValueError, match="weights"):
+        losses.cross_entropy(logits, y, weight=torch.ones(3))
+
+
+def test_segmentation_loss_is_dice_plus_weighted_ce():
+    logits = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
+    y = torch.randint(0, 4, (2, 1, 5, 6, 7))
+    d = soft_dice_reference(logits, y, from_logits=True)
+    ce = torch.nn.functional.cross_entropy(logits, y[:, 0])
+    torch.testing.assert_close(losses.segmentation_loss(logits, y, lambda_ce=0.5), 1 - d.mean() + 0.5 * ce)
+    torch.testing.assert_close(losses.segmentation_loss(logits, y, lambda_ce=0, include_background=False),
+                               1 - d[:, 1:].mean())
+    w = torch.tensor([0.0, 1.0, 1.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(losses.dice_loss(logits, y, from_logits=True, weight=w),
+                               1 - (d * w).sum(1).mean() / w.sum())
