@@ -74,3 +74,25 @@ def test_build_nets_from_default_config():
     reg, seg = build_nets(default_config()["model"], 4)
     assert isinstance(reg, RegNet) and isinstance(seg, SegNet) and seg.num_classes == 4
     assert isinstance(seg.down[0][1], torch.nn.BatchNorm3d)
+
+
+@pytest.mark.parametrize("kind", ["reg", "seg"])
+def test_channels_last_gives_the_same_outputs_and_gradients(kind):
+    torch.manual_seed(0)
+    cfg = default_config()["model"]
+    cfg.update(reg_enc=[4, 8, 8], reg_dec=[8, 8, 8, 4], seg_enc=[4, 8, 8], seg_norm="instance")
+    a = build_nets(cfg, 3)[kind == "seg"].double()
+    b = build_nets(dict(cfg, channels_last=True), 3)[kind == "seg"].double()
+    b.load_state_dict(a.state_dict())
+    assert b.channels_last and next(p for p in b.parameters() if p.dim() == 5).is_contiguous(
+        memory_format=torch.channels_last_3d)
+    x = [torch.rand(2, 1, 8, 8, 8, dtype=torch.float64) for _ in range(2 if kind == "reg" else 1)]
+    ya, yb = a(*x), b(*x)
+    assert yb.is_contiguous()  # outputs come back in the default layout
+    torch.testing.assert_close(yb, ya)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=name)
+    b.use_channels_last(False)
+    assert not b.channels_last and all(p.is_contiguous() for p in b.parameters())
