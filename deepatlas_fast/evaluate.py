@@ -8,8 +8,14 @@ images; "unregistered" is the same without warping (the baseline a registration 
 Output folder (default RUN_DIR/eval/SPLIT)::
 
     dice_seg.csv, dice_reg.csv, dice_unregistered.csv   one row per image / pair, one column per structure
-    summary.json     {"split", "structures", "seg"|"reg"|"unregistered": {"mean", "per_structure"},
-                      "reg": {..., "folding_fraction"}}  (folding: share of voxels with det J <= 0)
+    dice_atlas_copy.csv, dice_atlas_reg.csv   with ``atlases``: one row per (atlas, image)
+    summary.json     {"split", "structures", "seg"|"reg"|"unregistered"|"atlas_copy"|"atlas_reg":
+                      {"mean", "n", "per_structure"}, "reg": {..., "folding_fraction"}}
+                     (folding: share of voxels with det J <= 0)
+
+Atlas rows (``atlases``: labelled images, e.g. a one-shot run's labelled training image) are the
+two segmentations any registration method offers: the atlas labels copied onto each image of
+the split as they are (affine alignment only), and warped onto it by F_R.
     seg_example.png, reg_example.png, dice_per_structure.png
 """
 from __future__ import annotations
@@ -74,14 +80,18 @@ def _summary(rows, structures):
 
 
 def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_pairs: int = 20,
-             figures: bool = True, progress: bool = True) -> dict:
+             atlases=None, figures: bool = True, progress: bool = True) -> dict:
     """Evaluate ``run`` (a run directory or a ``Run``) on a split of ``data`` -> summary dict.
 
     split: "test", "validation" or "training" (default: the first non-empty in that order).
-    structures: label values to score (default: all non-zero values of the run's label table)."""
+    structures: label values to score (default: all non-zero values of the run's label table).
+    atlases: labelled images [{"image": path, "label": path}] on the split's grid, scored as
+    atlas-copy and atlas-registration segmentations of every labelled image of the split."""
     from tqdm import tqdm
 
     from .api import Run, load_run
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 0:
+        raise ValueError(f"max_pairs must be an integer >= 0, got {max_pairs!r}")
     run_dir = None
     if not isinstance(run, Run):
         run_dir = Path(run)
@@ -138,12 +148,31 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
         if example is None:
             example = (i, j, res)
 
+    copy_rows, atlas_rows = [], []
+    if atlases:
+        atlas_ds = VolumeDataset(read_data({"training": atlases})["training"], run.prep, resample=resample,
+                                 cache=False, ref=ds.ref)
+        if not all(atlas_ds.labelled):
+            raise ValueError("atlases: every atlas needs a label map")
+        for a, aname in enumerate(tqdm(atlas_ds.names(), desc="atlas", disable=not progress)):
+            aimg, alab, _ = atlas_ds.load_original(a)
+            for i in lab_idx:
+                img, lab = orig(i)
+                copy_rows.append(((aname, names[i]), dice_per_class(alab, lab, structures)))
+                warped = run.register(aimg, img, alab)["warped_labels"]
+                atlas_rows.append(((aname, names[i]), dice_per_class(warped, lab, structures)))
+        _write_csv(out_dir / "dice_atlas_copy.csv", ["atlas", "image"], copy_rows, structures)
+        _write_csv(out_dir / "dice_atlas_reg.csv", ["atlas", "image"], atlas_rows, structures)
+
     _write_csv(out_dir / "dice_seg.csv", ["image"], seg_rows, structures)
     _write_csv(out_dir / "dice_reg.csv", ["moving", "target", "folding_fraction"], reg_rows, structures)
     _write_csv(out_dir / "dice_unregistered.csv", ["moving", "target"], base_rows, structures)
     summary = {"split": split, "run": run.source, "structures": structures,
                "seg": _summary(seg_rows, structures), "reg": _summary(reg_rows, structures),
                "unregistered": _summary(base_rows, structures)}
+    if atlases:
+        summary["atlas_copy"] = _summary(copy_rows, structures)
+        summary["atlas_reg"] = _summary(atlas_rows, structures)
     if summary["reg"] is not None:
         summary["reg"]["folding_fraction"] = float(np.mean(folds))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -76,3 +76,24 @@ def test_real_brains_registration_beats_unregistered(tmp_path):
 E2E = ["train.steps.reg=60", "train.lr=3e-3", "train.checkpoint_every=1000", "train.log_every=20",
        "loss.window=5", "model.reg_enc=[8,16,16,16]", "model.reg_dec=[16,16,16,8,8]",
        "data.pairs={LL: 1, LU: 0, UL: 0, UU: 0}", "data.downsample=2"]
+
+
+def test_evaluate_atlas_rows(tmp_path_factory):
+    dl, run = tiny_run(tmp_path_factory.getbasetemp())
+    out = tmp_path_factory.mktemp("eval_atlas")
+    root = Path(dl).parent
+    atlas = {"image": str(root / "img0.nii.gz"), "label": str(root / "seg0.nii.gz")}
+    s = evaluate(run, dl, split="validation", out_dir=out, structures=[7, 42], max_pairs=0, atlases=[atlas],
+                 figures=False, progress=False)
+    assert s["reg"] is None and not list(csv.DictReader(open(out / "dice_reg.csv")))  # max_pairs=0: no pairs
+    copy = list(csv.DictReader(open(out / "dice_atlas_copy.csv")))
+    warped = list(csv.DictReader(open(out / "dice_atlas_reg.csv")))
+    assert len(copy) == len(warped) == 1 and copy[0]["atlas"] == "img0" and copy[0]["image"] == "img5"
+    a = load_nifti(root / "seg0.nii.gz", label=True)[0]
+    b = load_nifti(root / "seg5.nii.gz", label=True)[0]
+    assert float(copy[0]["7"]) == pytest.approx(dice_per_class(a, b, [7])[0], abs=1e-4)
+    assert s["atlas_copy"]["n"] == s["atlas_reg"]["n"] == 1 and 0 <= s["atlas_reg"]["mean"] <= 1
+    with pytest.raises(ValueError, match="label map"):
+        evaluate(run, dl, split="validation", out_dir=out, atlases=[{"image": atlas["image"]}], progress=False)
+    with pytest.raises(ValueError, match="max_pairs"):
+        evaluate(run, dl, split="validation", out_dir=out, max_pairs=-1, progress=False)
