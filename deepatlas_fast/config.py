@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from . import augment
+
 STAGES = ("seg", "reg", "semi-da", "da", "all")
 
 DEFAULTS = {
@@ -33,14 +35,27 @@ DEFAULTS = {
         "seg_enc": [8, 16, 32, 64],
         "seg_norm": "batch",     # "batch" | "instance"
         "seg_upsample": "transpose",  # "transpose" | "trilinear"
+        "channels_last": True,   # run both nets in channels_last_3d (faster CPU convolutions)
     },
     "loss": {
         "similarity": "lncc",    # "lncc" | "ncc" (global)
         "window": 9,
         "lambda_r": 1.0,         # gradient L2 of the displacement
-        "lambda_a": 1.0,         # anatomy loss (Dice of warped moving segmentation vs target segmentation)
-        "lambda_sp": 1.0,        # supervised Dice of F_S vs manual labels
+        "lambda_a": 1.0,         # anatomy loss in F_R's loss (Dice of warped moving vs target segmentation)
+        "lambda_a_seg": None,    # anatomy loss in F_S's loss; null: lambda_a
+        "lambda_sp": 1.0,        # supervised loss of F_S vs manual labels
+        "lambda_ce": 1.0,        # F_S's losses (supervised, anatomy): Dice + lambda_ce x cross-entropy
+        "include_background": True,  # background is a class of every Dice loss
+        # how F_R's registration of a labelled image onto an unlabelled one trains F_S:
+        # "unlabelled": F_S on the unlabelled image against the warped labels (DeepAtlas's L_a);
+        # "warped": F_S on the warped labelled image (with the unlabelled image's class
+        # intensities) against the warped labels, which fit it exactly; "both"
+        "seg_anatomy": "unlabelled",
+        # F_R's anatomy loss where F_S stands in for labels: voxels weigh (F_S's top class
+        # probability) ** anatomy_confidence; 0 = all voxels alike
+        "anatomy_confidence": 0.0,
     },
+    "augment": dict(augment.DEFAULTS),  # on-the-fly augmentation of F_S's training images (augment.py)
     "train": {
         "steps": {"seg": 1000, "reg": 1000, "semi-da": 1000, "da": 2000},
         "batch_size": 1,         # per process
@@ -120,6 +135,8 @@ def validate(cfg: dict) -> None:
         raise ValueError(f"loss.similarity must be 'lncc' or 'ncc', got {lo['similarity']!r}")
     if m["seg_norm"] not in ("batch", "instance"):
         raise ValueError(f"model.seg_norm must be 'batch' or 'instance', got {m['seg_norm']!r}")
+    if not isinstance(m["channels_last"], bool):
+        raise ValueError(f"model.channels_last must be true or false, got {m['channels_last']!r}")
     if t["lr_schedule"] not in ("constant", "cosine", "step"):
         raise ValueError(f"train.lr_schedule must be constant, cosine or step, got {t['lr_schedule']!r}")
     if t["semi_da_train"] not in ("seg", "reg"):
@@ -132,6 +149,17 @@ def validate(cfg: dict) -> None:
             raise ValueError(f"train.{k} must be a positive integer, got {t[k]!r}")
     if not isinstance(t["k_seg"], int) or t["k_seg"] < 0:
         raise ValueError(f"train.k_seg must be an integer >= 0, got {t['k_seg']!r}")
+    for k in ("lambda_r", "lambda_a", "lambda_a_seg", "lambda_sp", "lambda_ce", "anatomy_confidence"):
+        v = lo[k]
+        if k == "lambda_a_seg" and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+            raise ValueError(f"loss.{k} must be a finite number >= 0, got {v!r}")
+    if lo["seg_anatomy"] not in ("unlabelled", "warped", "both"):
+        raise ValueError(f"loss.seg_anatomy must be 'unlabelled', 'warped' or 'both', got {lo['seg_anatomy']!r}")
+    if not isinstance(lo["include_background"], bool):
+        raise ValueError(f"loss.include_background must be true or false, got {lo['include_background']!r}")
+    augment.validate(cfg["augment"])
     bad = set(d["pairs"]) - {"LL", "LU", "UL", "UU"}
     if bad or any(float(v) < 0 for v in d["pairs"].values()) or not any(float(v) > 0 for v in d["pairs"].values()):
         raise ValueError(f"data.pairs: keys LL/LU/UL/UU with weights >= 0, not all 0; got {d['pairs']}")

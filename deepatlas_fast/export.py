@@ -217,6 +217,8 @@ def export_run(run_dir, out_dir, *, warp: str = "gridsample", checkpoint=None) -
     if warp not in WARP_IMPLS:
         raise ValueError(f"--warp must be one of {WARP_IMPLS}, got {warp!r}")
     run = load_run(run_dir, checkpoint=checkpoint)
+    for net in (run.seg_net, run.reg_net):  # the exported graph has no memory formats
+        net.use_channels_last(False)
     prep = run.prep
     meta = {"format": FORMAT, "version": __version__, "preprocessing": prep.to_dict(),
             "label_values": list(prep.label_values),

@@ -60,7 +60,8 @@ from . import __version__
 from .config import STAGES, load_config, merge, save_config, validate
 from .data import PairSampler, VolumeDataset, check_grids, infer_label_table, read_data
 from .io import LabelTable
-from .losses import dice_loss, gradient_l2, lncc_loss, ncc_loss
+from .augment import Augmenter, lr_axis_of, match_class_intensities
+from .losses import dice_loss, gradient_l2, lncc_loss, ncc_loss, segmentation_loss
 from .nets import build_nets
 from .ops import warp
 from .preprocess import Preprocessing
@@ -188,7 +189,18 @@ class Trainer:
         self.C = prep.num_classes
         reg, seg = build_nets(cfg["model"], self.C)
         self.nets = {"reg": reg.to(self.device), "seg": seg.to(self.device)}
+        lab = [i for i, f in enumerate(train_ds.labelled) if f]
+        if lab:  # weights loaded later (init, resume) replace this
+            counts = sum(torch.bincount(train_ds[i][1].flatten(), minlength=self.C) for i in lab)
+            seg.init_class_prior(counts.float() / counts.sum())
         self.sampler = PairSampler(train_ds.labelled, cfg["data"]["pairs"])
+        self.augment = None
+        if cfg["augment"]["enabled"]:
+            shape, affine = train_ds.ref[0], train_ds.ref[1]
+            f = prep.downsample
+            spacing = prep.spacing or (1.0, 1.0, 1.0)
+            self.augment = Augmenter(cfg["augment"], prep.label_values, voxel_mm=[s * f for s in spacing],
+                                     data_shape=[-(-n // f) for n in shape], lr_axis=lr_axis_of(affine))
         self.completed = []
         self._last_plot = time.time()
 
@@ -209,10 +221,18 @@ class Trainer:
         return items[self.rank * bs:(self.rank + 1) * bs]
 
     # -- losses of one step; ``model`` is the (possibly DDP-wrapped) trained net
+    def _seg_loss(self, logits, target, from_logits=True):
+        lo = self.cfg["loss"]
+        return segmentation_loss(logits, target, from_logits=from_logits, lambda_ce=lo["lambda_ce"],
+                                 include_background=lo["include_background"])
+
+    def _augment(self, gen, image, target):
+        return (image, target) if self.augment is None else self.augment(gen, image, target)
+
     def seg_pretrain_step(self, model, gen):
         idx = self._local(self.sampler.sample_labelled(gen, self.cfg["train"]["batch_size"] * self.world))
-        x, y = self._batch(idx)
-        lsp = dice_loss(model(x).softmax(1), y)
+        x, y = self._augment(gen, *self._batch(idx))
+        lsp = self._seg_loss(model(x), y)
         return self.cfg["loss"]["lambda_sp"] * lsp, {"L_sp": lsp.item()}
 
     def reg_step(self, model, gen, use_seg: bool):
@@ -229,7 +249,19 @@ class Trainer:
         if lo["lambda_a"] > 0:
             sm, st = self._seg_maps(m, lm, use_seg), self._seg_maps(t, lt, use_seg)
             if sm is not None and st is not None:
-                la = dice_loss(warp(sm, disp), st)
+                wm = warp(sm, disp)
+                gamma = lo["anatomy_confidence"]
+                if gamma > 0 and (lm is None or lt is None):
+                    # trust F_S where it is sure: both maps scaled by the confidence of the
+                    # unlabelled side(s), on the target grid
+                    with torch.no_grad():
+                        conf = torch.ones_like(st[:, :1])
+                        if lt is None:
+                            conf = conf * st.amax(1, keepdim=True) ** gamma
+                        if lm is None:
+                            conf = conf * warp(sm.amax(1, keepdim=True), disp) ** gamma
+                    wm, st = wm * conf, st * conf
+                la = dice_loss(wm, st, include_background=lo["include_background"])
                 loss = loss + lo["lambda_a"] * la
                 logs["L_a"] = la.item()
         return loss, logs
@@ -244,24 +276,58 @@ class Trainer:
         return None
 
     def seg_step(self, model, gen):
+        """F_S learns from the manual labels of the pair's labelled image(s) (L_sp) and, when one
+        image is unlabelled, from the frozen F_R (L_a): for a labelled moving image (LU) the
+        atlas labels warped onto the target are F_S's soft target there; for a labelled target
+        (UL) F_S's prediction on the moving image, warped onto the target, is compared with the
+        target's labels. Augmentation applies to every image whose target lives on its own grid
+        (labelled images and LU targets), not to a UL moving image, whose prediction is warped
+        by the displacement F_R computed on the clean image."""
         lo = self.cfg["loss"]
         kind, pairs = self.sampler.sample(gen, self.cfg["train"]["batch_size"] * self.world, allowed=("LL", "LU", "UL"))
         pairs = self._local(pairs)
         m, lm = self._batch([p[0] for p in pairs])
         t, lt = self._batch([p[1] for p in pairs])
-        pm, pt = model(torch.cat([m, t])).softmax(1).chunk(2)  # one forward: DDP expects one per backward
-        sup = [dice_loss(p, lab) for p, lab in ((pm, lm), (pt, lt)) if lab is not None]
-        lsp = sum(sup) / len(sup)
-        loss = lo["lambda_sp"] * lsp
-        logs = {"L_sp": lsp.item()}
-        if kind != "LL" and lo["lambda_a"] > 0:
+        lambda_a = lo["lambda_a"] if lo["lambda_a_seg"] is None else lo["lambda_a_seg"]
+        anatomy = kind != "LL" and lambda_a > 0
+        mode = lo["seg_anatomy"]
+        if anatomy:
             with torch.no_grad():
                 disp = self.nets["reg"](m, t)
-            if kind == "LU":
-                la = dice_loss(warp(one_hot(lm, self.C), disp), pt)
+        # F_S's inputs and targets, in one batch: [(image, target, "sp" | "a")]
+        if kind == "LL":
+            parts = [(*self._augment(gen, m, lm), "sp"), (*self._augment(gen, t, lt), "sp")]
+        elif kind == "LU":
+            parts = [(*self._augment(gen, m, lm), "sp")]
+            if anatomy and mode in ("unlabelled", "both"):
+                parts.append((*self._augment(gen, t, warp(one_hot(lm, self.C), disp)), "a"))
+        else:  # UL: the moving image's prediction is warped onto the (clean) labelled target
+            parts = [(*self._augment(gen, t, lt), "sp")]
+            if anatomy and mode in ("unlabelled", "both"):
+                parts.append((m, None, "a"))
+        if anatomy and mode in ("warped", "both"):
+            (lab_img, lab), unl = ((m, lm), t) if kind == "LU" else ((t, lt), m)
+            with torch.no_grad():
+                d = disp if kind == "LU" else self.nets["reg"](lab_img, unl)
+                soft = warp(one_hot(lab, self.C), d)
+                synth = match_class_intensities(warp(lab_img, d), soft, unl).clamp_min(0)
+            parts.append((*self._augment(gen, synth, soft), "w"))
+        n = m.shape[0]
+        logits = model(torch.cat([x for x, _, _ in parts]))  # one forward: DDP expects one per backward
+        losses = {"sp": [], "a": [], "w": []}
+        for i, (_, target, role) in enumerate(parts):
+            out = logits[i * n:(i + 1) * n]
+            if role == "a" and kind == "UL":
+                losses[role].append(self._seg_loss(warp(out.softmax(1), disp), lt, from_logits=False))
             else:
-                la = dice_loss(warp(pm, disp), lt)
-            loss = loss + lo["lambda_a"] * la
+                losses[role].append(self._seg_loss(out, target))
+        lsp = sum(losses["sp"]) / len(losses["sp"])
+        loss = lo["lambda_sp"] * lsp
+        logs = {"L_sp": lsp.item()}
+        la = losses["a"] + losses["w"]
+        if la:
+            la = sum(la) / len(la)
+            loss = loss + lambda_a * la
             logs["L_a"] = la.item()
         return loss, logs
 

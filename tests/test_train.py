@@ -54,7 +54,10 @@ def _state(run):
 
 def test_resume_continues_exactly(tmp_path):
     dl = write_dataset(tmp_path / "data", shape=(16, 16, 16))
-    ov = tiny_overrides(da=5) + ["train.checkpoint_every=1", "train.checkpoint_keep=0", "model.seg_norm=batch"]
+    # augmentation on: its transforms are drawn from the per-step generator, so a resumed run
+    # draws the same ones (step 3 is a segmentation step, after the cut)
+    ov = tiny_overrides(da=5) + ["train.checkpoint_every=1", "train.checkpoint_keep=0", "model.seg_norm=batch",
+                                 "augment.enabled=true", "augment.lr_pairs=[[7,42]]", "augment.flip=0.5"]
     full = train(None, dl, tmp_path / "full", stage="da", overrides=ov, progress=False)
     # an interrupted copy: only the checkpoints up to step 2 (mid-cycle: reg, reg | seg ...)
     cut = tmp_path / "cut"
