@@ -16,6 +16,8 @@ Steps:
 4. Labels are kept as FreeSurfer values restricted to STRUCTURES (the 30 standard evaluation
    structures minus choroid plexus 31/63, which the SynthSeg maps do not contain); everything
    else becomes 0. Images are uint8 on the OASIS intensity scale.
+5. The test brain oasis_b is also kept at 1 mm (extra/), to check segmentation on a grid other
+   than the training grid.
 
 Deterministic (seeded); about 2-4 minutes on 2 CPU cores.
 """
@@ -197,6 +199,9 @@ def main(argv=None):
         if n in segs1:
             nib.save(nib.Nifti1Image(keep_structures(down2_labels(segs1[n])), aff2), str(out / "labels" / f"{name}.nii.gz"))
         entries[name] = n in segs1
+    (out / "extra").mkdir(exist_ok=True)
+    nib.save(nib.Nifti1Image(np.round(imgs1["b"]).astype(np.uint8), aff1), str(out / "extra" / "oasis_b_1mm.nii.gz"))
+    nib.save(nib.Nifti1Image(keep_structures(segs1["b"]), aff1), str(out / "extra" / "oasis_b_1mm_seg.nii.gz"))
     seg_a2 = keep_structures(down2_labels(segs1["a"]))
     seg_b2 = keep_structures(down2_labels(segs1["b"]))
 

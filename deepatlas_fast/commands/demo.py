@@ -1,17 +1,36 @@
-"""deepatlas-fast demo [--quick | --long] [--out DIR]: DeepAtlas end to end on the shipped brain set (offline)."""
+"""deepatlas-fast demo [--quick | --long] [--out DIR]: the one-shot DeepAtlas experiment on the shipped brain set (offline)."""
 from __future__ import annotations
 
 
+def _seeds(text):
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: a comma-separated list of integers, got {text!r}") from None
+    if not seeds:
+        raise ValueError("--seeds: at least one seed")
+    return seeds
+
+
 def add_arguments(p):
-    p.add_argument("--out", default="deepatlas_demo", help="output folder (runs, eval, report.md); default ./deepatlas_demo")
+    p.add_argument("--out", default="deepatlas_demo", help="output folder (runs, eval, report/); default ./deepatlas_demo")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="a ~2 minute pipeline check (8 mm, tiny nets, few steps)")
-    g.add_argument("--long", action="store_true",
-                   help="the README table's run: the full demo's settings with ~3x the steps (2-2.5x the steps; about 24 min on a quiet 2-core CPU, estimated)")
+    g.add_argument("--long", action="store_true", help="the experiment of docs/experiment.md: more steps, three seeds")
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="split to score (the presets' settings were chosen on 'validation')")
+    p.add_argument("--seeds", type=str, default=None, help="comma-separated seeds instead of the preset's")
+    p.add_argument("--update-doc", action="append", default=[], metavar="FILE",
+                   help="replace the <!-- demo:PRESET:start/end --> block of FILE with the summary table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
     from ..demo import run_demo
-    run_demo(args.out, quick=args.quick, long=args.long, progress=not args.no_progress)
+    preset = "quick" if args.quick else "long" if args.long else "full"
+    from ..demo import summary_table
+    res = run_demo(args.out, preset=preset, split=args.split, seeds=None if args.seeds is None else _seeds(args.seeds),
+                   update_docs=args.update_doc, progress=not args.no_progress)
+    print("\n" + summary_table(res))
+    print(f"\nreport: {res['report']} ({res['total_seconds'] / 60:.1f} min)")
     return 0
