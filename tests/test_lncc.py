@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 import deepatlas_fast as da
 from reference import lncc_reference
 
-emulated = torch.ops.deepatlas_fast_emulated
 
 
 def pair(shape, dtype=torch.float64, related=True):
@@ -177,7 +176,7 @@ def test_bad_dtypes_and_devices():
 
 @pytest.mark.parametrize("window", [3, 7, 15])
 @pytest.mark.parametrize("launch", [(32, 3), (7, 5)])
-def test_cuda_kernels_under_emulator(window, launch):
+def test_cuda_kernels_under_emulator(window, launch, emulated):
     """Row tiles narrower than a row (and than the halo), capped grids (grid-stride loops)."""
     a, b = pair((2, 2, 5, 6, 9))
     ref = lncc_reference(a, b, window)
@@ -193,7 +192,7 @@ def test_cuda_kernels_under_emulator(window, launch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_reduced_precision_under_emulator(dtype):
+def test_cuda_reduced_precision_under_emulator(dtype, emulated):
     """The CUDA build takes half/bfloat16 with float32 sums; the CPU path does not."""
     a, b = pair((1, 1, 6, 5, 7), dtype=torch.float32)
     a, b = a.to(dtype), b.to(dtype)

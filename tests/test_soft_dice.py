@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 import deepatlas_fast as da
 from reference import soft_dice_reference
 
-emulated = torch.ops.deepatlas_fast_emulated
 
 
 def inputs(b, c, spatial, labels, dtype=torch.float64, label_dtype=torch.int64):
@@ -185,7 +184,7 @@ def test_torch_compile_traces_the_op():
     torch.testing.assert_close(compiled(logits, target), 1 - soft_dice_reference(logits, target, from_logits=True))
 
 
-def test_labels_outside_the_classes_raise():
+def test_labels_outside_the_classes_raise(emulated):
     logits = torch.randn(1, 3, 4, 4, 4)
     for bad in (3, -1, 200):
         y = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
@@ -232,7 +231,7 @@ def test_bad_dtypes_and_devices():
 @pytest.mark.parametrize("labels", [False, True])
 @pytest.mark.parametrize("from_logits", [False, True])
 @pytest.mark.parametrize("launch", [(32, 3), (7, 5)])
-def test_cuda_kernels_under_emulator(labels, from_logits, launch):
+def test_cuda_kernels_under_emulator(labels, from_logits, launch, emulated):
     """Block reductions of any size, capped grids, and more than one chunk per class."""
     logits, target = inputs(2, 3, (9, 30, 31), labels)
     probs = logits if from_logits else logits.softmax(1)
@@ -247,7 +246,7 @@ def test_cuda_kernels_under_emulator(labels, from_logits, launch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_reduced_precision_under_emulator(dtype):
+def test_cuda_reduced_precision_under_emulator(dtype, emulated):
     logits, target = inputs(1, 4, (5, 6, 7), True, dtype=torch.float32)
     logits = logits.to(dtype)
     ref = soft_dice_reference(logits.double(), target, from_logits=True)

@@ -12,7 +12,6 @@ from reference import warp_reference
 
 MODES = ["linear", "nearest"]
 PADS = ["zeros", "border"]
-emulated = torch.ops.deepatlas_fast_emulated
 
 
 def random_inputs(b=2, c=3, in_shape=(5, 6, 7), out_shape=(4, 5, 6), scale=2.0, dtype=torch.float64):
@@ -234,7 +233,7 @@ def test_bad_dtypes_and_devices():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("padding", PADS)
 @pytest.mark.parametrize("launch", [(32, 3), (64, 1), (7, 5)])
-def test_cuda_kernels_under_emulator(mode, padding, launch):
+def test_cuda_kernels_under_emulator(mode, padding, launch, emulated):
     """Grid-stride loops (grids smaller than the work), odd block sizes and real concurrent
     atomics: the .cuh kernels must agree with the float64 reference."""
     image, disp = random_inputs(2, 2, (5, 6, 7), (4, 5, 6), 2.0)
@@ -251,7 +250,7 @@ def test_cuda_kernels_under_emulator(mode, padding, launch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_half_precision_kernels_under_emulator(dtype):
+def test_cuda_half_precision_kernels_under_emulator(dtype, emulated):
     """The CUDA build takes half/bfloat16 with float32 accumulation; the CPU path does not."""
     image, disp = random_inputs(1, 2, (6, 6, 6), (5, 5, 5), 1.5, dtype=torch.float32)
     ref = warp_reference(image.double(), disp.double())
