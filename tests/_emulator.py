@@ -3,7 +3,7 @@ the host and run under the CUDA emulator of csrc/emulator/, so that the tests ex
 machines without a GPU. Test-only: built from this checkout's csrc/ into build/, never part of
 the wheel (setup.py leaves csrc/emulator out).
 
-The `emulated` fixture (conftest.py) builds them once per session; ninja rebuilds only what
+The `emulated` fixture (conftest.py) builds them once per test run; ninja rebuilds only what
 changed since the last build. A build that fails fails every test that uses them: they never
 skip."""
 from __future__ import annotations

@@ -22,7 +22,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def emulated():
     """torch.ops.deepatlas_fast_emulated: the CUDA kernel sources run under the CUDA emulator
-    (tests/_emulator.py), built once per session. A failed build is a test failure, never a skip."""
+    (tests/_emulator.py), built once per test run. A failed build is a test failure, never a skip."""
     try:
         return _emulator.load()
     except _emulator.EmulatorBuildError as e:
