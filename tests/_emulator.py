@@ -8,7 +8,6 @@ changed since the last build. A build that fails fails every test that uses them
 skip."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 BUILD = ROOT / "build" / "test-extensions" / "deepatlas_fast_emulated"
 NAME = "deepatlas_fast_emulated"
-# The flags of the wheel's CPU code that bear on the results (setup.py).
+# -ffp-contract=off as for the wheel's CPU code (setup.py): no fused multiply-adds.
 CFLAGS = ["-O2", "-ffp-contract=off"]
 
 
@@ -39,11 +38,10 @@ def load():
     BUILD.mkdir(parents=True, exist_ok=True)
     try:
         cpp_extension.load(name=NAME, sources=srcs, extra_include_paths=[str(CSRC)], extra_cflags=CFLAGS,
-                           build_directory=str(BUILD), is_python_module=False, verbose=bool(os.environ.get("VERBOSE")))
-    except Exception as e:  # compile errors arrive as RuntimeError, a missing compiler as OSError
+                           build_directory=str(BUILD), is_python_module=False)
+    except Exception as e:  # compile errors (with the compiler's output) arrive as RuntimeError
         raise EmulatorBuildError(
-            f"could not build the emulated ops from {CSRC / 'emulator'} in {BUILD} ({type(e).__name__}: {e}); "
-            "run with VERBOSE=1 to see the compiler's output") from e
+            f"could not build the emulated ops from {CSRC / 'emulator'} in {BUILD}: {type(e).__name__}: {e}") from e
     ops = torch.ops.deepatlas_fast_emulated
     for op in ("warp", "warp_backward", "lncc", "lncc_backward", "soft_dice_sums", "soft_dice_sums_backward"):
         if not hasattr(ops, op):
