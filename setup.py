@@ -57,9 +57,11 @@ def gencode_flags(archs: list[str]) -> list[str]:
 def extension():
     with_cuda = want_cuda()
     debug = os.environ.get("DEEPATLAS_DEBUG", "0") == "1"
-    # csrc/tests holds the native (ctest) tests, built by CMake only.
+    # Test-only code stays out of the wheel: csrc/tests (native ctest tests) and csrc/emulator
+    # (the CUDA emulator's ops, built by the test suite and by CMake's tests).
+    test_only = tuple(os.path.join("csrc", d, "") for d in ("tests", "emulator"))
     sources = sorted(f for f in glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
-                     if not f.startswith(os.path.join("csrc", "tests", "")))
+                     if not f.startswith(test_only))
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fopenmp: without it at::parallel_for silently runs on one thread. -ffp-contract=off: the
     # SIMD rows (AVX-512 implies FMA) must not fuse multiply-adds, to keep the scalar code's bits.

@@ -1,6 +1,13 @@
 // The Python module deepatlas_fast._C: importing it loads the ops (TORCH_LIBRARY blocks run at
-// load time). It only reports how the library was built; the ops live in torch.ops.
+// load time). It only reports how the library was built and which of the instruction sets of
+// the CPU kernels' SIMD paths this CPU has; the ops live in torch.ops.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "common/simd.h"
 
 #ifndef DEEPATLAS_CUDA_ARCHS
 #define DEEPATLAS_CUDA_ARCHS ""
@@ -14,4 +21,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   m.attr("cuda_archs") = DEEPATLAS_CUDA_ARCHS;
+  // "avx2", "fma", "avx512" (F, VL and DQ), as the kernels' runtime checks see them.
+  std::vector<std::string> sets;
+  if (deepatlas_fast::cpu_has_avx2()) sets.push_back("avx2");
+  if (deepatlas_fast::cpu_has_fma()) sets.push_back("fma");
+  if (deepatlas_fast::cpu_has_avx512()) sets.push_back("avx512");
+  m.attr("cpu_instruction_sets") = sets;
 }

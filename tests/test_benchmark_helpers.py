@@ -1,5 +1,7 @@
 """The benchmark runner's helpers that do not time anything (benchmarks/ is not installed:
-it is imported from the source tree, after the installed package)."""
+it is imported from the source tree, after the installed package). A module of the project
+that fails to import fails these tests; they import no optional package."""
+import importlib
 import sys
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import torch
 import deepatlas_fast  # noqa: F401  (the installed package first, then the source tree's benchmarks)
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
-bench_warp = pytest.importorskip("benchmarks.bench_warp")
+from benchmarks import bench_warp, common  # noqa: E402
 
 
 def test_warp_bytes_counts_disp_image_and_output():
@@ -25,12 +27,9 @@ def test_bandwidth_report_without_and_with_a_device():
     assert "500 GB/s" in line and "1000 GB/s" in line and "50% of copy" in line and "1024 MiB" in line
 
 
-common = pytest.importorskip("benchmarks.common")
-
-
 @pytest.mark.parametrize("name", ["bench_warp", "bench_dice"])
 def test_least_bytes_name_our_cases_and_count_whole_volumes(name):
-    m = pytest.importorskip(f"benchmarks.{name}")
+    m = importlib.import_module(f"benchmarks.{name}")
     ours = {g[1] for g in m.GROUPS}
     assert set(m.LEAST_BYTES) == ours
     for case, f in m.LEAST_BYTES.items():
@@ -84,8 +83,8 @@ def test_run_module_times_each_case_once_and_reports_ratios(monkeypatch):
 
 def test_measure_peak_sees_buffers_the_warm_up_freed():
     # The LNCC forward's per-thread slab buffers (~0.45 volumes each, see ops/lncc.py) are freed
-    # at the end of each call; with glibc's dynamic mmap threshold the measured call reused the
-    # warm-up's and the table showed 0 MiB.
+    # at the end of each call; with glibc's dynamic mmap threshold the measured call would reuse
+    # the warm-up's and seem to take 0 MiB.
     shape = (160, 192, 224)
     peak = common.measure_peak("bench_lncc", "deepatlas_fast.lncc forward", shape)
     assert peak > 0.25 * 4 * 160 * 192 * 224

@@ -1,14 +1,14 @@
-"""The LNCC op against the float64 conv3d reference, autograd, opcheck, bad input,
-determinism, and the CUDA kernel source run under the CUDA emulator."""
+"""The LNCC op against the float64 conv3d reference on every device, autograd, opcheck, bad
+input, determinism, and the CUDA kernel source run under the CUDA emulator."""
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import deepatlas_fast as da
+from _devices import DEVICES, devices_and_dtypes
 from reference import lncc_reference
 
-emulated = torch.ops.deepatlas_fast_emulated
 
 
 def pair(shape, dtype=torch.float64, related=True):
@@ -16,6 +16,63 @@ def pair(shape, dtype=torch.float64, related=True):
     # b correlated with a, so cc spans (0, 1) rather than sitting near 0
     b = (0.7 * a + 0.5 * torch.randn(shape, dtype=dtype)) if related else torch.randn(shape, dtype=dtype)
     return a, b
+
+
+def sample_inputs(device, *, requires_grad=False):
+    """Argument tuples (a, b, window, eps) of the lncc op, float64 on `device`: windows 3, 9 and
+    15 (the last two wider than the volume along some axes), one and two channels, b related
+    to a."""
+    def make(shape):
+        a, b = pair(shape)
+        return a.to(device).requires_grad_(requires_grad), b.to(device).requires_grad_(requires_grad)
+
+    return [(*make((2, 2, 4, 5, 6)), 3, 1e-5), (*make((2, 1, 5, 6, 7)), 9, 1e-5), (*make((1, 2, 6, 4, 5)), 15, 1e-5)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_correctness(device):
+    for a, b, window, eps in sample_inputs(device):
+        out = da.lncc(a, b, window=window, eps=eps)
+        assert out.device == a.device and out.shape == (a.shape[0],)
+        torch.testing.assert_close(out.cpu(), lncc_reference(a.cpu(), b.cpu(), window, eps), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients(device):
+    for a, b, window, eps in sample_inputs(device, requires_grad=True):
+        out = da.lncc(a, b, window=window, eps=eps)
+        g = torch.randn_like(out)
+        ours = torch.autograd.grad(out, (a, b), g)
+        ra, rb = a.detach().cpu().requires_grad_(), b.detach().cpu().requires_grad_()
+        theirs = torch.autograd.grad(lncc_reference(ra, rb, window, eps), (ra, rb), g.cpu())
+        for o, r in zip(ours, theirs):
+            assert o.device == a.device
+            torch.testing.assert_close(o.cpu(), r, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    for a, b, window, eps in sample_inputs(device, requires_grad=True):
+        f = lambda x, y: da.lncc(x, y, window=window, eps=eps)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (a, b), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in sample_inputs(device, requires_grad=True) + sample_inputs(device):
+        torch.library.opcheck(torch.ops.deepatlas_fast.lncc.default, args)
+
+
+@pytest.mark.parametrize("device, dtype", devices_and_dtypes(cpu=[torch.float32],
+                                                             cuda=[torch.float32, torch.float16, torch.bfloat16]))
+def test_dtypes(device, dtype):
+    """float32 everywhere; float16 and bfloat16 on CUDA (float32 sums)."""
+    a = torch.randn(1, 1, 12, 12, 12)
+    b = 0.6 * a + torch.randn_like(a)
+    out = da.lncc(a.to(device, dtype), b.to(device, dtype))
+    assert out.dtype == dtype and out.device.type == device
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double().cpu(), lncc_reference(a.double(), b.double()), rtol=tol, atol=tol)
 
 
 def grads(fn, a, b, g):
@@ -78,13 +135,6 @@ def test_float32_close_to_float64():
         torch.testing.assert_close(o.double(), r, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("window", [3, 5])
-def test_gradcheck(window):
-    a, b = pair((1, 2, 4, 5, 6))
-    f = lambda x, y: da.lncc(x, y, window=window)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (a.requires_grad_(), b.requires_grad_()), eps=1e-6, atol=1e-7)
-
-
 @pytest.mark.parametrize("needs", [(True, False), (False, True)])
 def test_only_requested_gradient(needs):
     a, b = pair((1, 1, 5, 6, 7))
@@ -118,11 +168,6 @@ def test_deterministic_across_runs_and_thread_counts():
     torch.set_num_threads(threads)
     for r in results[1:]:
         assert all(torch.equal(x, y) for x, y in zip(r, results[0]))
-
-
-def test_opcheck():
-    a, b = pair((1, 1, 3, 4, 5))
-    torch.library.opcheck(torch.ops.deepatlas_fast.lncc.default, (a.requires_grad_(), b.requires_grad_(), 3, 1e-5))
 
 
 @pytest.mark.filterwarnings("error:There is a performance drop")  # vmap must not fall back to a loop
@@ -177,7 +222,7 @@ def test_bad_dtypes_and_devices():
 
 @pytest.mark.parametrize("window", [3, 7, 15])
 @pytest.mark.parametrize("launch", [(32, 3), (7, 5)])
-def test_cuda_kernels_under_emulator(window, launch):
+def test_cuda_kernels_under_emulator(window, launch, emulated):
     """Row tiles narrower than a row (and than the halo), capped grids (grid-stride loops)."""
     a, b = pair((2, 2, 5, 6, 9))
     ref = lncc_reference(a, b, window)
@@ -193,7 +238,7 @@ def test_cuda_kernels_under_emulator(window, launch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_reduced_precision_under_emulator(dtype):
+def test_cuda_reduced_precision_under_emulator(dtype, emulated):
     """The CUDA build takes half/bfloat16 with float32 sums; the CPU path does not."""
     a, b = pair((1, 1, 6, 5, 7), dtype=torch.float32)
     a, b = a.to(dtype), b.to(dtype)

@@ -1,15 +1,16 @@
-"""The soft Dice op against the float64 one_hot reference, autograd (to probs, logits and
-probability targets), opcheck, bad input, determinism, and the CUDA kernel source run under
-the CUDA emulator."""
+"""The soft Dice op against the float64 one_hot reference on every device, autograd (to probs,
+logits and probability targets), opcheck, bad input, determinism, the CPU's AVX2 kernel, and
+the CUDA kernel source run under the CUDA emulator."""
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import deepatlas_fast as da
+from _devices import DEVICES
+from _simd import DICE_LEVELS
 from reference import soft_dice_reference
 
-emulated = torch.ops.deepatlas_fast_emulated
 
 
 def inputs(b, c, spatial, labels, dtype=torch.float64, label_dtype=torch.int64):
@@ -19,6 +20,66 @@ def inputs(b, c, spatial, labels, dtype=torch.float64, label_dtype=torch.int64):
     else:
         target = torch.randn(b, c, *spatial, dtype=dtype).softmax(1)
     return logits, target
+
+
+def sample_inputs(device, *, requires_grad=False):
+    """Argument tuples (probs, target, from_logits) of the soft_dice_sums op, float64 on
+    `device`: probabilities or logits, against integer labels [B, 1, ...] or probability
+    targets [B, C, ...] (which take a gradient too)."""
+    samples = []
+    for labels in (True, False):
+        for from_logits in (True, False):
+            logits, target = inputs(2, 5, (4, 5, 6), labels)
+            probs = (logits if from_logits else logits.softmax(1)).to(device).requires_grad_(requires_grad)
+            target = target.to(device)
+            if not labels:
+                target.requires_grad_(requires_grad)
+            samples.append((probs, target, from_logits))
+    return samples
+
+
+def differentiable(probs, target):
+    return (probs, target) if target.is_floating_point() else (probs,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_correctness(device):
+    for probs, target, from_logits in sample_inputs(device):
+        out = da.soft_dice(probs, target, from_logits=from_logits)
+        assert out.device == probs.device and out.shape == probs.shape[:2]
+        ref = soft_dice_reference(probs.cpu(), target.cpu(), from_logits=from_logits)
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients(device):
+    for probs, target, from_logits in sample_inputs(device, requires_grad=True):
+        out = da.soft_dice(probs, target, from_logits=from_logits)
+        g = torch.randn_like(out)
+        ours = torch.autograd.grad(out, differentiable(probs, target), g)
+        rp = probs.detach().cpu().requires_grad_()
+        rt = target.detach().cpu().requires_grad_() if target.is_floating_point() else target.cpu()
+        ref = soft_dice_reference(rp, rt, from_logits=from_logits)
+        theirs = torch.autograd.grad(ref, differentiable(rp, rt), g.cpu())
+        for o, r in zip(ours, theirs):
+            assert o.device == probs.device
+            torch.testing.assert_close(o.cpu(), r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    for probs, target, from_logits in sample_inputs(device, requires_grad=True):
+        if target.is_floating_point():
+            f = lambda p, t: da.soft_dice(p, t, from_logits=from_logits)  # noqa: E731
+        else:
+            f = lambda p, t=target: da.soft_dice(p, t, from_logits=from_logits)  # noqa: E731
+        assert torch.autograd.gradcheck(f, differentiable(probs, target))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in sample_inputs(device, requires_grad=True) + sample_inputs(device):
+        torch.library.opcheck(torch.ops.deepatlas_fast.soft_dice_sums.default, args)
 
 
 def grads(fn, probs, target, g):
@@ -94,11 +155,11 @@ def test_float32_close_to_float64():
     torch.testing.assert_close(ours[0].double(), theirs[0], rtol=1e-4, atol=1e-8)
 
 
-@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("simd", DICE_LEVELS)
 @pytest.mark.parametrize("classes, spatial", [(5, (9, 10, 11)), (32, (13, 17, 19)), (1, (3, 3, 3))])
 def test_float32_logits_with_labels_on_both_cpu_paths(monkeypatch, simd, classes, spatial):
-    """float32 logits + labels take the AVX2 kernel where the CPU has it; DEEPATLAS_FAST_SIMD=0
-    the generic path. Both against float64: tails of 8-voxel blocks, several chunks (13*17*19
+    """float32 logits + labels take the AVX2 kernel at DEEPATLAS_FAST_SIMD=avx2 (skipped on CPUs
+    without AVX2 and FMA), the generic path at DEEPATLAS_FAST_SIMD=0. Both against float64: tails of 8-voxel blocks, several chunks (13*17*19
     voxels), 32 classes with uint8 labels, one saturated batch item, one class."""
     monkeypatch.setenv("DEEPATLAS_FAST_SIMD", simd)
     logits, target = inputs(2, classes, spatial, True, label_dtype=torch.uint8)
@@ -110,16 +171,6 @@ def test_float32_logits_with_labels_on_both_cpu_paths(monkeypatch, simd, classes
     ours = grads(lambda p, t: da.soft_dice(p, t, from_logits=True), logits.float(), target, g.float())
     theirs = grads(lambda p, t: soft_dice_reference(p, t, from_logits=True), logits, target, g)
     torch.testing.assert_close(ours[0].double(), theirs[0], rtol=1e-4, atol=1e-7)
-
-
-@pytest.mark.parametrize("from_logits", [False, True])
-def test_gradcheck(from_logits):
-    logits, target = inputs(2, 3, (3, 4, 2), False)
-    probs = logits if from_logits else logits.softmax(1)
-    f = lambda p, t: da.soft_dice(p, t, from_logits=from_logits)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (probs.requires_grad_(), target.requires_grad_()))
-    _, labels = inputs(2, 3, (3, 4, 2), True)
-    assert torch.autograd.gradcheck(lambda p: f(p, labels), (probs,))
 
 
 def test_only_requested_gradient():
@@ -155,14 +206,6 @@ def test_deterministic_across_runs_and_thread_counts(labels):
         assert all(x is y is None or torch.equal(x, y) for x, y in zip(r, results[0]))
 
 
-@pytest.mark.parametrize("labels", [False, True])
-def test_opcheck(labels):
-    logits, target = inputs(1, 3, (3, 4, 5), labels)
-    if not labels:
-        target.requires_grad_()
-    torch.library.opcheck(torch.ops.deepatlas_fast.soft_dice_sums.default, (logits.requires_grad_(), target, True))
-
-
 @pytest.mark.filterwarnings("error:There is a performance drop")  # vmap must not fall back to a loop
 @pytest.mark.parametrize("labels", [True, False])
 def test_torch_func_transforms(labels):
@@ -185,17 +228,17 @@ def test_torch_compile_traces_the_op():
     torch.testing.assert_close(compiled(logits, target), 1 - soft_dice_reference(logits, target, from_logits=True))
 
 
-def test_labels_outside_the_classes_raise():
-    logits = torch.randn(1, 3, 4, 4, 4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_labels_outside_the_classes_raise(device):
+    logits = torch.randn(1, 3, 4, 4, 4, device=device)
     for bad in (3, -1, 200):
         y = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
         y[0, 0, 1, 2, 3] = bad
+        y = y.to(device)
         with pytest.raises(ValueError, match=r"target labels must be in \[0, 3\).*found " + str(bad)):
             da.soft_dice(logits, y)
         with pytest.raises(ValueError, match=r"target labels must be in \[0, 3\).*found " + str(bad)):
-            da.soft_dice(logits, y, from_logits=True)  # the AVX2 kernel's path
-        with pytest.raises(ValueError, match=r"target labels must be in \[0, 3\)"):
-            emulated.soft_dice_sums(logits, y, True, 32, 2)
+            da.soft_dice(logits, y, from_logits=True)  # on the CPU, the AVX2 kernel's path
 
 
 @pytest.mark.parametrize(
@@ -232,7 +275,7 @@ def test_bad_dtypes_and_devices():
 @pytest.mark.parametrize("labels", [False, True])
 @pytest.mark.parametrize("from_logits", [False, True])
 @pytest.mark.parametrize("launch", [(32, 3), (7, 5)])
-def test_cuda_kernels_under_emulator(labels, from_logits, launch):
+def test_cuda_kernels_under_emulator(labels, from_logits, launch, emulated):
     """Block reductions of any size, capped grids, and more than one chunk per class."""
     logits, target = inputs(2, 3, (9, 30, 31), labels)
     probs = logits if from_logits else logits.softmax(1)
@@ -246,8 +289,17 @@ def test_cuda_kernels_under_emulator(labels, from_logits, launch):
         torch.testing.assert_close(e, o, rtol=1e-12, atol=1e-14)
 
 
+def test_labels_outside_the_classes_raise_under_emulator(emulated):
+    logits = torch.randn(1, 3, 4, 4, 4)
+    for bad in (3, -1, 200):
+        y = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+        y[0, 0, 1, 2, 3] = bad
+        with pytest.raises(ValueError, match=r"target labels must be in \[0, 3\).*found " + str(bad)):
+            emulated.soft_dice_sums(logits, y, True, 32, 2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_reduced_precision_under_emulator(dtype):
+def test_cuda_reduced_precision_under_emulator(dtype, emulated):
     logits, target = inputs(1, 4, (5, 6, 7), True, dtype=torch.float32)
     logits = logits.to(dtype)
     ref = soft_dice_reference(logits.double(), target, from_logits=True)

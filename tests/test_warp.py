@@ -1,18 +1,17 @@
-"""The warp op against grid_sample (float64), autograd, opcheck, bad input, determinism,
-and the CUDA kernel source run under the CUDA emulator."""
+"""The warp op against grid_sample (float64) on every device, autograd, opcheck, bad input,
+determinism, the CPU's SIMD levels, and the CUDA kernel source run under the CUDA emulator."""
 import pytest
 import torch
-import os
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deepatlas_fast as da
+from _devices import DEVICES, devices_and_dtypes
+from _simd import SCALAR, WARP_LEVELS, WARP_SIMD_LEVELS, at_simd_level
 from reference import warp_reference
 
 MODES = ["linear", "nearest"]
 PADS = ["zeros", "border"]
-emulated = torch.ops.deepatlas_fast_emulated
 
 
 def random_inputs(b=2, c=3, in_shape=(5, 6, 7), out_shape=(4, 5, 6), scale=2.0, dtype=torch.float64):
@@ -20,6 +19,67 @@ def random_inputs(b=2, c=3, in_shape=(5, 6, 7), out_shape=(4, 5, 6), scale=2.0, 
     # Displacements that reach outside the volume on every side.
     disp = torch.randn(b, 3, *out_shape, dtype=dtype) * scale
     return image, disp
+
+
+def sample_inputs(device, *, requires_grad=False):
+    """Argument tuples (image, disp, mode, padding) of the warp op, float64 on `device`: every
+    mode and padding, displacements reaching outside the volume on every side, one and two
+    channels, an output grid other than the image's (small enough for gradcheck)."""
+    def make(*size, scale=1.0):
+        return (torch.randn(size, dtype=torch.float64) * scale).to(device).requires_grad_(requires_grad)
+
+    return [(make(2, 1 if padding == "zeros" else 2, 4, 5, 6), make(2, 3, 3, 4, 5, scale=2.0), mode, padding)
+            for mode in MODES for padding in PADS]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_correctness(device):
+    for image, disp, mode, padding in sample_inputs(device):
+        out = da.warp(image, disp, mode=mode, padding=padding)
+        assert out.device == image.device and out.shape == (*image.shape[:2], *disp.shape[2:])
+        ref = warp_reference(image.cpu(), disp.cpu(), mode, padding)
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients(device):
+    for image, disp, mode, padding in sample_inputs(device, requires_grad=True):
+        out = da.warp(image, disp, mode=mode, padding=padding)
+        g = torch.randn_like(out)
+        ours = torch.autograd.grad(out, (image, disp), g)
+        ri, rd = image.detach().cpu().requires_grad_(), disp.detach().cpu().requires_grad_()
+        theirs = torch.autograd.grad(warp_reference(ri, rd, mode, padding), (ri, rd), g.cpu())
+        for o, r in zip(ours, theirs):
+            assert o.device == image.device
+            torch.testing.assert_close(o.cpu(), r, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    # CPU: the backward must also be exactly reentrant; CUDA's image gradient uses atomics.
+    nondet_tol = 0.0 if device == "cpu" else 1e-12
+    for image, disp, mode, padding in sample_inputs(device, requires_grad=True):
+        f = lambda i, d: da.warp(i, d, mode=mode, padding=padding)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (image, disp), eps=1e-6, atol=1e-6, nondet_tol=nondet_tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in sample_inputs(device, requires_grad=True) + sample_inputs(device):
+        torch.library.opcheck(torch.ops.deepatlas_fast.warp.default, args)
+
+
+@pytest.mark.parametrize("device, dtype", devices_and_dtypes(cpu=[torch.float32],
+                                                             cuda=[torch.float32, torch.float16, torch.bfloat16]))
+def test_dtypes(device, dtype):
+    """float32 everywhere; float16 and bfloat16 on CUDA (float32 accumulation)."""
+    image = torch.randn(1, 1, 8, 8, 8, device=device, dtype=dtype)
+    disp = torch.randn(1, 3, 8, 8, 8, device=device, dtype=dtype)
+    out = da.warp(image, disp)
+    assert out.dtype == dtype and out.device == image.device
+    ref = warp_reference(image.double().cpu(), disp.double().cpu())
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol)
 
 
 def backward_pair(fn, image, disp, g):
@@ -73,18 +133,6 @@ def test_identity_and_integer_shift():
     assert torch.equal(out[..., :-1], image[..., 1:])
     assert torch.all(out[..., -1] == 0)  # zeros padding beyond the edge
     assert torch.equal(da.warp(image, shift, padding="border")[..., -1], image[..., -1])
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("padding", PADS)
-def test_gradcheck(mode, padding):
-    image, disp = random_inputs(1, 2, (4, 5, 4), (3, 4, 3), 1.5)
-    # keep locations away from cell faces/ties where the derivative jumps
-    disp = disp + 0.013
-    f = lambda i, d: da.warp(i, d, mode=mode, padding=padding)  # noqa: E731
-    i = image.clone().requires_grad_()
-    d = disp.clone().requires_grad_(mode == "linear")
-    assert torch.autograd.gradcheck(f, (i, d), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("needs", [(True, False), (False, True)])
@@ -145,14 +193,6 @@ def test_deterministic_backward_across_runs_and_thread_counts():
     torch.set_num_threads(threads)
     for gi, gd in grads[1:]:
         assert torch.equal(gi, grads[0][0]) and torch.equal(gd, grads[0][1])
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_opcheck(mode):
-    image, disp = random_inputs(1, 2, (4, 5, 6), (3, 4, 5), 1.5)
-    for pad in PADS:
-        args = (image.requires_grad_(), disp.requires_grad_(), mode, pad)
-        torch.library.opcheck(torch.ops.deepatlas_fast.warp.default, args)
 
 
 def test_torch_compile_traces_the_op():
@@ -234,7 +274,7 @@ def test_bad_dtypes_and_devices():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("padding", PADS)
 @pytest.mark.parametrize("launch", [(32, 3), (64, 1), (7, 5)])
-def test_cuda_kernels_under_emulator(mode, padding, launch):
+def test_cuda_kernels_under_emulator(mode, padding, launch, emulated):
     """Grid-stride loops (grids smaller than the work), odd block sizes and real concurrent
     atomics: the .cuh kernels must agree with the float64 reference."""
     image, disp = random_inputs(2, 2, (5, 6, 7), (4, 5, 6), 2.0)
@@ -251,7 +291,7 @@ def test_cuda_kernels_under_emulator(mode, padding, launch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_half_precision_kernels_under_emulator(dtype):
+def test_cuda_half_precision_kernels_under_emulator(dtype, emulated):
     """The CUDA build takes half/bfloat16 with float32 accumulation; the CPU path does not."""
     image, disp = random_inputs(1, 2, (6, 6, 6), (5, 5, 5), 1.5, dtype=torch.float32)
     ref = warp_reference(image.double(), disp.double())
@@ -275,36 +315,22 @@ def smooth_disp(b, shape, magnitude, dtype=torch.float64, seed=0):
     return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
 
 
-SIMD_LEVELS = ["0", "avx2", "1"]  # scalar code, AVX2 rows, the best rows this CPU runs (AVX-512 here)
-
-
-def at_simd_level(level, fn):
-    """fn() with DEEPATLAS_FAST_SIMD=level (read by the kernels at every call)."""
-    old = os.environ.get("DEEPATLAS_FAST_SIMD")
-    os.environ["DEEPATLAS_FAST_SIMD"] = level
-    try:
-        return fn()
-    finally:
-        if old is None:
-            del os.environ["DEEPATLAS_FAST_SIMD"]
-        else:
-            os.environ["DEEPATLAS_FAST_SIMD"] = old
-
-
-def both_paths(image, disp, g, mode, padding, levels=SIMD_LEVELS):
-    """Forward and both gradients at each DEEPATLAS_FAST_SIMD level (scalar first)."""
+def both_paths(image, disp, g, mode, padding, levels):
+    """Forward and both gradients at each DEEPATLAS_FAST_SIMD level."""
     def run():
         out = da.warp(image, disp, mode=mode, padding=padding)
         return (out, *backward_pair(lambda i, d: da.warp(i, d, mode=mode, padding=padding), image, disp, g))
     return [at_simd_level(level, run) for level in levels]
 
 
+@pytest.mark.parametrize("level", WARP_LEVELS)
 @pytest.mark.parametrize("padding", PADS)
 @pytest.mark.parametrize("c, in_shape, out_shape", [(1, (9, 10, 21), (9, 10, 21)), (3, (7, 8, 17), (6, 9, 19)),
                                                     (2, (12, 11, 24), (10, 8, 16))])
-def test_simd_path_bit_identical_to_scalar_and_close_to_float64(padding, c, in_shape, out_shape):
+def test_simd_level_bit_identical_to_scalar_and_close_to_float64(level, padding, c, in_shape, out_shape):
     """Row tails (W not a multiple of 8), blocks mixing interior and border voxels, NaN, C > 1,
-    a broadcast gradient: the AVX2 path must give the scalar path's bits."""
+    a broadcast gradient: each SIMD level must give the scalar path's bits, and every level
+    (the scalar one too) float64's values to float32 rounding."""
     image = torch.randn(2, c, *in_shape, dtype=torch.float64)
     disp = smooth_disp(2, out_shape, 2.0) + 0.3 * torch.randn(2, 3, *out_shape, dtype=torch.float64)
     disp[0, 0, 1, 2, 3] = float("nan")
@@ -312,15 +338,15 @@ def test_simd_path_bit_identical_to_scalar_and_close_to_float64(padding, c, in_s
     ref = warp_reference(image, disp, "linear", padding)
     g = torch.randn_like(ref)
     ri, rd = backward_pair(lambda i, d: warp_reference(i, d, "linear", padding), image, disp, g)
-    for grad in [g.float(), torch.ones(1).float().expand_as(g)]:
-        (o0, i0, d0), *simd = both_paths(image.float(), disp.float(), grad, "linear", padding)
-        for o1, i1, d1 in simd:
+    if level != SCALAR:
+        for grad in [g.float(), torch.ones(1).float().expand_as(g)]:
+            (o0, i0, d0), (o1, i1, d1) = both_paths(image.float(), disp.float(), grad, "linear", padding, [SCALAR, level])
             assert torch.equal(o0.nan_to_num(7.0), o1.nan_to_num(7.0))
             assert torch.equal(i0, i1) and torch.equal(d0.nan_to_num(7.0), d1.nan_to_num(7.0))
+    (o1, i1, d1), = both_paths(image.float(), disp.float(), g.float(), "linear", padding, [level])
     ok = disp.isfinite().all(1, keepdim=True)  # ours is NaN at NaN locations, grid_sample 0
     assert o1.isnan().sum() == c * (~ok).sum()
     torch.testing.assert_close(torch.where(ok, o1.double(), 0), torch.where(ok, ref, 0), rtol=1e-5, atol=1e-5)
-    (o1, i1, d1), = both_paths(image.float(), disp.float(), g.float(), "linear", padding, ["1"])
     torch.testing.assert_close(i1.double(), ri, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.where(ok, d1.double(), 0), torch.where(ok, rd, 0), rtol=1e-4, atol=1e-4)
 
@@ -336,12 +362,13 @@ def simd_case(draw):
             draw(st.sampled_from(PADS)), draw(st.booleans()))
 
 
-@given(simd_case())
+@pytest.mark.parametrize("level", WARP_SIMD_LEVELS)
+@given(case=simd_case())
 @settings(max_examples=60, deadline=None)
-def test_simd_levels_bit_identical_on_random_fields(case):
+def test_simd_level_bit_identical_on_random_fields(level, case):
     """Runs of every length and position in a block, cell steps of 0 to 2 along x, cell rows
-    changing inside blocks, border voxels: the forward and the gradients give the same bits at
-    every SIMD level (scalar, AVX2, AVX-512 where the CPU has it)."""
+    changing inside blocks, border voxels: the forward and the gradients give the scalar path's
+    bits at each SIMD level."""
     c, shape, stretch, noise, seed, padding, image_grad = case
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(1, c, *shape, generator=g)
@@ -356,9 +383,8 @@ def test_simd_levels_bit_identical_on_random_fields(case):
         out.backward(grad)
         return out, d.grad, i.grad if image_grad else d.grad
 
-    scalar, *simd = [at_simd_level(level, run) for level in SIMD_LEVELS]
-    for result in simd:
-        assert all(torch.equal(a, b) for a, b in zip(scalar, result))
+    scalar, simd = at_simd_level(SCALAR, run), at_simd_level(level, run)
+    assert all(torch.equal(a, b) for a, b in zip(scalar, simd))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -405,9 +431,9 @@ def test_slab_schedule_zeroes_image_slices_no_voxel_samples():
 @pytest.mark.parametrize("mode", MODES)
 def test_border_padding_beyond_the_volume_along_d_does_not_race(mode):
     """Output slices whose locations lie beyond the image along D write its edge slice under
-    "border" padding. The slab planner once took them for slices that write nothing and ran
+    "border" padding. A slab planner that took them for slices that write nothing would run
     them in parallel with each other and with the chunk that writes that edge: with 2 threads
-    the image gradient came out wrong at random (found by the hypothesis test above)."""
+    the image gradient would come out wrong at random."""
     image = torch.randn(1, 1, 4, 16, 16, dtype=torch.float64)
     disp = torch.zeros(1, 3, 24, 16, 16, dtype=torch.float64)  # output slices 4..23 clamp to slice 3
     disp[:, 1:] = 0.3 * torch.randn(1, 2, 24, 16, 16, dtype=torch.float64)

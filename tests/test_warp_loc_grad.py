@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import deepatlas_fast as da
+from _simd import WARP_LEVELS, at_simd_level
 from reference import warp_reference
-from test_warp import SIMD_LEVELS, at_simd_level, smooth_disp
+from test_warp import smooth_disp
 
 ops = torch.ops.deepatlas_fast
 warp_module = importlib.import_module("deepatlas_fast.ops.warp")  # (the package's `warp` is the function)
@@ -24,9 +25,10 @@ def inputs(dtype, shape=(12, 9, 21), seed=0):
     return image, disp
 
 
+@pytest.mark.parametrize("level", WARP_LEVELS)
 @pytest.mark.parametrize("padding", PADS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_op_gives_the_plain_ops_bits_at_every_simd_level(padding, dtype):
+def test_op_gives_the_plain_ops_bits_at_each_simd_level(level, padding, dtype):
     """out is warp's output, loc_grad the disp gradient of warp_backward for grad_out = 1."""
     image, disp = inputs(dtype)
     ones = torch.ones(2, 1, *disp.shape[2:], dtype=dtype)
@@ -37,10 +39,9 @@ def test_op_gives_the_plain_ops_bits_at_every_simd_level(padding, dtype):
         _, grad_disp = ops.warp_backward(ones, image, disp, "linear", padding, [False, True])
         return out, loc, plain, grad_disp
 
-    for level in SIMD_LEVELS:
-        out, loc, plain, grad_disp = at_simd_level(level, run)
-        assert torch.equal(out.nan_to_num(7.0), plain.nan_to_num(7.0))
-        assert torch.equal(loc.nan_to_num(7.0), grad_disp.nan_to_num(7.0))
+    out, loc, plain, grad_disp = at_simd_level(level, run)
+    assert torch.equal(out.nan_to_num(7.0), plain.nan_to_num(7.0))
+    assert torch.equal(loc.nan_to_num(7.0), grad_disp.nan_to_num(7.0))
 
 
 @pytest.mark.parametrize("padding", PADS)
@@ -135,11 +136,12 @@ def backward_cases(dtype):
     return [(image, smooth, g), (image[:1], rough[:1], g[:1]), (image, smooth, torch.ones((), dtype=dtype).expand_as(g))]
 
 
+@pytest.mark.parametrize("level", WARP_LEVELS)
 @pytest.mark.parametrize("padding", PADS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_backward_with_loc_grad_gives_the_two_pass_bits(padding, dtype):
+def test_backward_with_loc_grad_gives_the_two_pass_bits(level, padding, dtype):
     """warp_backward_with_loc_grad = the image gradient of warp_backward and loc_grad * grad_out
-    (the multiply done by the scatter's rows), bit for bit, at every SIMD level and schedule."""
+    (the multiply done by the scatter's rows), bit for bit, at each SIMD level and schedule."""
     for image, disp, g in backward_cases(dtype):
         _, loc = ops.warp_with_loc_grad(image, disp, padding)
 
@@ -149,10 +151,9 @@ def test_backward_with_loc_grad_gives_the_two_pass_bits(padding, dtype):
             plain = ops.warp_backward(g, image, disp, "linear", padding, [True, False])[0]
             return grad_image, plain, fused
 
-        for level in SIMD_LEVELS:
-            grad_image, plain, fused = at_simd_level(level, run)
-            assert torch.equal(grad_image, plain)
-            assert torch.equal(fused.nan_to_num(7.0), (loc * g).nan_to_num(7.0))
+        grad_image, plain, fused = at_simd_level(level, run)
+        assert torch.equal(grad_image, plain)
+        assert torch.equal(fused.nan_to_num(7.0), (loc * g).nan_to_num(7.0))
 
 
 def test_backward_with_loc_grad_takes_any_loc_grad_strides():

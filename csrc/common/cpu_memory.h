@@ -1,17 +1,17 @@
 // Volume-sized CPU outputs of the kernels (the warp's output and gradients, the LNCC and soft
 // Dice gradients) come from empty_volume: buffers on transparent huge pages, reused from a
 // cache of the package's recently freed outputs.
-//  - Huge pages: a fresh buffer is first touched by our kernels; with 4 KiB pages the page
-//    faults can cost more than the kernel (measured here, a 2-core VM: filling a fresh 138 MiB
-//    tensor took 77 ms with 4 KiB pages, 16 ms after MADV_HUGEPAGE, the cost of the fill itself).
+//  - Huge pages: a fresh buffer is first touched by our kernels; with 4 KiB pages its page
+//    faults can cost more than the kernel itself; on 2 MiB pages (MADV_HUGEPAGE) it takes 512
+//    times fewer.
 //  - Cache: even on huge pages the OS clears every fresh page at its first touch, and glibc
 //    returns a freed buffer above its mmap threshold (32 MiB at most) to the OS: the warp
-//    backward's 79 MiB displacement gradient (160 x 192 x 224) was fresh memory at every call.
-//    A training loop frees and asks for the same sizes at every step, so freed buffers are
-//    kept, up to DEEPATLAS_FAST_CPU_CACHE_MB (read once, at the first volume allocation;
+//    backward's 79 MiB displacement gradient (160 x 192 x 224) would be fresh memory at every
+//    call. A training loop frees and asks for the same sizes at every step, so freed buffers
+//    are kept, up to DEEPATLAS_FAST_CPU_CACHE_MB (read once, at the first volume allocation;
 //    default 512; 0: no cache) and handed out again for the same size, as PyTorch's CUDA
-//    caching allocator does on GPUs. Warp backward with both gradients, 2 threads: 46.5 ->
-//    39.7 ms; disp gradient only 25.0 -> 20.4 ms. empty_cache() returns them to the OS.
+//    caching allocator does on GPUs, so that a step's outputs skip the clearing of fresh
+//    pages. empty_cpu_cache() returns them to the OS.
 #pragma once
 
 #include <ATen/core/Tensor.h>

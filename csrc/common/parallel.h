@@ -1,9 +1,9 @@
 // parallel_pieces: at::parallel_for with work stealing. at::parallel_for (OpenMP) splits a
-// range into one fixed part per thread, so a thread that starts late or runs slowly (on this
-// 2-vCPU VM a second vCPU idle for a while wakes slowly: a warp forward+backward right after a
-// pause took ~10 ms longer in the median) holds up the whole call. Here each thread still
-// starts on its own contiguous part (for cache locality), taking pieces from its front, and a
-// thread that runs out takes pieces from the back of another's part.
+// range into one fixed part per thread, so a thread that starts late or runs slowly (on a
+// virtual machine, a vCPU that was idle for a while can be slow to wake) holds up the whole
+// call. Here each thread still starts on its own contiguous part (for cache locality), taking
+// pieces from its front, and a thread that runs out takes pieces from the back of another's
+// part.
 // Use only where the pieces may run in any order: the results must not depend on it.
 #pragma once
 

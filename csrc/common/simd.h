@@ -21,4 +21,20 @@ inline SimdLevel simd_level_by_env() {
 
 inline bool simd_enabled_by_env() { return simd_level_by_env() != SimdLevel::None; }
 
+// The instruction sets the SIMD paths use, as this CPU reports them (whatever
+// DEEPATLAS_FAST_SIMD says). False on compilers and ISAs without those paths.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+inline bool cpu_has_avx2() { return __builtin_cpu_supports("avx2"); }
+inline bool cpu_has_fma() { return __builtin_cpu_supports("fma"); }
+// The AVX-512 subsets the warp rows use: F, VL and DQ.
+inline bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq");
+}
+#else
+inline bool cpu_has_avx2() { return false; }
+inline bool cpu_has_fma() { return false; }
+inline bool cpu_has_avx512() { return false; }
+#endif
+
 }  // namespace deepatlas_fast

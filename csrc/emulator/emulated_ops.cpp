@@ -1,6 +1,8 @@
 // The CUDA kernel sources compiled for the host and run under the CUDA emulator, registered
 // as ops of the namespace deepatlas_fast_emulated (CPU tensors). Tests compare them with the
 // CPU kernels and the float64 references, so the .cuh code is executed, not only compiled.
+// Test-only, like everything in csrc/emulator: a library of its own, built by the Python tests
+// (tests/_emulator.py) and by CMake's tests, never part of the wheel or of deepatlas_fast_ops.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/simd.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DA_DICE_AVX2 1
 #include <immintrin.h>
@@ -24,7 +26,7 @@ namespace avx2 {
 #define DA_AVX2 __attribute__((target("avx2,fma")))
 #define DA_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
 
-inline bool cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+inline bool cpu_supported() { return cpu_has_avx2() && cpu_has_fma(); }
 
 // exp_value<float> of soft_dice_math.h on 8 lanes (arguments <= 0; below -87 gives 0).
 DA_AVX2_INLINE __m256 exp8(__m256 x) {

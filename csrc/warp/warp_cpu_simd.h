@@ -61,18 +61,20 @@ enum RowOutputs : int {
 inline SimdLevel simd_level() {
 #ifdef DA_WARP_SIMD
   const SimdLevel allowed = simd_level_by_env();
-  if (allowed >= SimdLevel::Avx512 && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx2"))
-    return SimdLevel::Avx512;
-  if (allowed >= SimdLevel::Avx2 && __builtin_cpu_supports("avx2")) return SimdLevel::Avx2;
+  if (allowed >= SimdLevel::Avx512 && cpu_has_avx512() && cpu_has_avx2()) return SimdLevel::Avx512;
+  if (allowed >= SimdLevel::Avx2 && cpu_has_avx2()) return SimdLevel::Avx2;
 #endif
   return SimdLevel::None;
 }
 
 #ifdef DA_WARP_SIMD
 
+// Values of DA_WARP_SIMD_ISA: the instruction set of a copy of warp_cpu_simd_rows.h.
+#define DA_WARP_ISA_AVX2 1
+#define DA_WARP_ISA_AVX512 2
+
 namespace avx2 {
+#define DA_WARP_SIMD_ISA DA_WARP_ISA_AVX2
 #define DA_SIMD __attribute__((target("avx2")))
 #define DA_SIMD_INLINE __attribute__((target("avx2"), always_inline)) inline
 #include "warp/warp_cpu_simd_rows.h"
@@ -102,16 +104,17 @@ DA_SIMD inline void min_max(const float* p, int64_t n, float* lo, float* hi) {
 
 #undef DA_SIMD
 #undef DA_SIMD_INLINE
+#undef DA_WARP_SIMD_ISA
 }  // namespace avx2
 
 namespace avx512 {
-#define DA_WARP_SIMD_AVX512 1
+#define DA_WARP_SIMD_ISA DA_WARP_ISA_AVX512
 #define DA_SIMD __attribute__((target("avx2,avx512f,avx512vl,avx512dq")))
 #define DA_SIMD_INLINE __attribute__((target("avx2,avx512f,avx512vl,avx512dq"), always_inline)) inline
 #include "warp/warp_cpu_simd_rows.h"
 #undef DA_SIMD
 #undef DA_SIMD_INLINE
-#undef DA_WARP_SIMD_AVX512
+#undef DA_WARP_SIMD_ISA
 }  // namespace avx512
 
 #else  // no SIMD code on this compiler/ISA: simd_level() is None, callers take the scalar path

@@ -6,10 +6,46 @@
 // in vector form too (border_lanes, Border); row tails go back to the scalar code through a
 // callback.
 //
-// No include guard: warp_cpu_simd.h includes this file once per instruction set, inside
-// namespaces avx2 and avx512, with DA_SIMD / DA_SIMD_INLINE giving the target attribute and
-// DA_WARP_SIMD_AVX512 set for the AVX-512 copy (whose backward scatters full blocks by runs,
-// scatter_runs). Each copy is called only after a runtime CPU check.
+// Included by warp_cpu_simd.h only, once per instruction set, inside namespace avx2 or
+// avx512: DA_WARP_SIMD_ISA names the set (DA_WARP_ISA_AVX2 or DA_WARP_ISA_AVX512), DA_SIMD /
+// DA_SIMD_INLINE give the functions its target attribute. The include guard below is one per
+// instruction set. The AVX-512 copy differs in the scatter of full blocks (scatter_runs);
+// each copy is called only after a runtime CPU check.
+//
+// Map, in file order:
+// 1. Blocks of 8 voxels: locations8, interior_block (the strictly interior lanes and their
+//    cells, Block), run_block (the 8 cells one run along x), offsets.
+// 2. Corner loads and interpolation: pairs, corners (pair loads), run_corners (vector loads
+//    for a run), lerp8.
+// 3. Prefetching: AheadCell, ahead_cell and prefetch_cell (the image rows of the cells of the
+//    row kAheadColumns columns later), fetch_next (RowArgs::read_ahead / write_ahead).
+// 4. Voxels not strictly interior, in vector form: finite8, AxisV / axis8 (linear_axis),
+//    Stencil8 / stencil8 / corner_offsets (make_stencil), lanes_not_in, border_lanes (their
+//    forward), product4 and Border (their backward).
+// 5. forward_row: the forward of one output row.
+// 6. Scatter of the image gradient: kPairSlot, load_pair / store_pair, scatter_voxel (one
+//    voxel), scatter_block (a block voxel by voxel, in registers where cells repeat).
+// 7. AVX-512 only: run_starts, add_spans, scatter_runs (a block run by run, with masked adds;
+//    empty stand-ins in the AVX2 copy).
+// 8. backward_row: the backward of one output row (image gradient, disp gradient, or both;
+//    the location-gradient variants).
+
+#if !defined(DA_WARP_SIMD_ISA) || !defined(DA_SIMD) || !defined(DA_SIMD_INLINE)
+#error "warp_cpu_simd_rows.h is included by warp_cpu_simd.h only, once per instruction set"
+#endif
+
+#if DA_WARP_SIMD_ISA == DA_WARP_ISA_AVX2 && !defined(DA_WARP_CPU_SIMD_ROWS_AVX2_H)
+#define DA_WARP_CPU_SIMD_ROWS_AVX2_H
+#define DA_WARP_CPU_SIMD_ROWS_BODY
+#elif DA_WARP_SIMD_ISA == DA_WARP_ISA_AVX512 && !defined(DA_WARP_CPU_SIMD_ROWS_AVX512_H)
+#define DA_WARP_CPU_SIMD_ROWS_AVX512_H
+#define DA_WARP_CPU_SIMD_ROWS_BODY
+#endif
+
+#ifdef DA_WARP_CPU_SIMD_ROWS_BODY
+#undef DA_WARP_CPU_SIMD_ROWS_BODY
+
+// ---- 1. Blocks of 8 voxels ----------------------------------------------------------------------
 
 // Locations of 8 voxels starting at w. Returns the bit mask of the strictly interior ones
 // (as strictly_interior); the others get cell 0 so that the corner loads stay inside the
@@ -76,8 +112,10 @@ DA_SIMD_INLINE __m256i offsets(const Block& k, int32_t sd, int32_t sh) {
                           k.ix);
 }
 
-// Corner pairs (x, x + 1) of voxels a and b, as [a0 a1 b0 b1]: two 64-bit loads. (Measured on
-// Zen 4: ~1.5x faster than 64-bit gathers.)
+// ---- 2. Corner loads and interpolation ----------------------------------------------------------
+
+// Corner pairs (x, x + 1) of voxels a and b, as [a0 a1 b0 b1]: two 64-bit loads (cheaper than
+// 64-bit gathers).
 DA_SIMD_INLINE __m128 pairs(const float* p, int32_t a, int32_t b) {
   const __m128 lo = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p + a)));
   return _mm_loadh_pi(lo, reinterpret_cast<const __m64*>(p + b));
@@ -113,12 +151,13 @@ DA_SIMD_INLINE __m256 lerp8(__m256 a, __m256 b, __m256 t) {
   return _mm256_add_ps(a, _mm256_mul_ps(t, _mm256_sub_ps(b, a)));
 }
 
+// ---- 3. Prefetching -----------------------------------------------------------------------------
+
 // Cell (floors of the location) that voxel w of the row ahead (RowArgs::az) samples, if any
 // and strictly interior. Each output row first reads the image rows its cells reach beyond
 // those of the columns before; along a rough displacement field these rows change every few
 // voxels, which the hardware prefetchers do not follow, and a prefetch a few voxels ahead in
-// the same row comes too late: the rows prefetch this cell's image rows instead. Measured here
-// on the benchmark field, one thread: forward 40 -> 30 ms, backward (both gradients) 120 -> 97 ms.
+// the same row comes too late: the rows prefetch this cell's image rows instead.
 struct AheadCell {
   int32_t z, y, x;
 };
@@ -148,6 +187,8 @@ DA_SIMD_INLINE void prefetch_cell(const float* p, int32_t sd, int32_t sh, const 
   _mm_prefetch(reinterpret_cast<const char*>(q + sd), _MM_HINT_T0);
   _mm_prefetch(reinterpret_cast<const char*>(q + sd + sh), _MM_HINT_T0);
 }
+
+// ---- 4. Voxels not strictly interior, in vector form --------------------------------------------
 
 DA_SIMD_INLINE __m256 finite8(__m256 v) {  // v - v is 0 unless v is NaN or infinite
   return _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_EQ_OQ);
@@ -233,8 +274,7 @@ DA_SIMD_INLINE __m256i lanes_not_in(int mask) {  // all-ones in the lanes whose 
 // (corners inside the volume summed as ((wz * wy) * wx) * v in (i, j, k) order; the others
 // add +0, which leaves the sum unchanged: it starts at +0 and never becomes -0), corners
 // fetched with masked gathers; non-finite locations give (z + y + x) * 0. Bit-identical to
-// the scalar code it replaces in the forward (on the benchmark field 3 % of the voxels, ~12 %
-// of the forward's timer samples; the forward got ~4 % faster).
+// the scalar code it replaces: such voxels are few, but slow on the scalar path.
 DA_SIMD_INLINE void border_lanes(const RowArgs& r, int64_t w, int mask, float* out, int64_t out_c, int64_t channels) {
   const Stencil8 s = stencil8(r, w);
   const __m256 zero = _mm256_setzero_ps();
@@ -319,6 +359,8 @@ struct Border {
   }
 };
 
+// ---- 5. Forward of a row ------------------------------------------------------------------------
+
 // Forward of one output row: out[c * out_c + w] for w in [0, width). fallback(w) computes one
 // voxel with the scalar code (row tails). kWhat: kOneChannel or 0 (see RowOutputs).
 template <int kWhat, typename Fallback>
@@ -353,6 +395,8 @@ DA_SIMD void forward_row(const RowArgs& r, float* out, int64_t out_c, const Fall
   }
   for (; w < r.width; ++w) fallback(w);
 }
+
+// ---- 6. Scatter of the image gradient -----------------------------------------------------------
 
 // Scatter of the image gradient. Weights of a block: voxel l's (x, x + 1) weight pair for
 // image row (i, j) at pw[2 * i + j][2 * kPairSlot[l]] (the slots unpacklo/unpackhi of the x
@@ -409,7 +453,9 @@ DA_SIMD_INLINE void scatter_block(float* q, const int32_t* og, const float (&pw)
   }
 }
 
-#ifdef DA_WARP_SIMD_AVX512
+// ---- 7. AVX-512 only: the scatter of a block by runs --------------------------------------------
+
+#if DA_WARP_SIMD_ISA == DA_WARP_ISA_AVX512
 constexpr bool kScatterRuns = true;
 
 // Lanes of a block that start a run: voxel l continues voxel l - 1's run when its corner
@@ -424,8 +470,8 @@ DA_SIMD_INLINE unsigned run_starts(__m256i og) {
 // (merge-masked, between one load and one store). The load and store are masked to the lanes
 // of either unless `whole`: the 8 floats then lie inside one row of the image gradient, and
 // the other lanes are written back as just read. (Safe: the backward rows run under the slab
-// schedule, where the chunk writing this row owns its whole slice for the phase. Measured:
-// image gradient 1.2 ms faster, 2 threads, benchmark field: masked stores are slow here.)
+// schedule, where the chunk writing this row owns its whole slice for the phase. Masked
+// stores are slow: a whole store wherever one is safe.)
 DA_SIMD_INLINE void add_spans(float* base, const int32_t (&rows)[4], unsigned m1, unsigned m0,
                               const __m256 (&a)[4], const __m256 (&b)[4], bool whole) {
   const __mmask8 k1 = static_cast<__mmask8>(m1), k0 = static_cast<__mmask8>(m0),
@@ -443,19 +489,17 @@ DA_SIMD_INLINE void add_spans(float* base, const int32_t (&rows)[4], unsigned m1
 }
 
 // Scatter of a block with 8 interior voxels that is not one run (run blocks take the
-// backward's run path), run by run (runs: see run_starts; 3.3 per block on the benchmark
-// field, at least 2 here). Run s..e covers positions og[s] .. og[e] + 1 of each of the 4 image
-// rows: run 0 as lanes 0..e + 1 of an 8-float vector at og[0] (e + 1 <= 7 as a second run
-// follows), every later run (s >= 1) as lanes s - 1..e of one at og[s] - s + 1, which always
-// fits. A position receives voxel l - 1's x + 1 weight (w1), then voxel l's x weight (w0), the
-// scalar order, by two merge-masked adds between one load and one store. Runs go in lane
-// order, so a position two runs share also receives its weights in voxel order: bit-identical
-// to scatter_voxel, with 4 vector read-add-writes per run in place of 4 pair read-add-writes
-// and a 3-way branch per voxel (scatter_block). 8-float vectors, not 16: image gradient alone
-// 30.5 -> 27.5 ms (2 threads, benchmark field; a 64-byte access at an arbitrary offset always
-// spans two cache lines). One form for all later runs (not the first form for all runs but the
-// last, which ends at lane 8) saves a branch per run: image gradient with loc_grad -0.5..-1.2
-// ms (2 threads, benchmark field, switched in one process, three runs of 22-28 pairs).
+// backward's run path), run by run (runs: see run_starts; at least 2 here). Run s..e covers
+// positions og[s] .. og[e] + 1 of each of the 4 image rows: run 0 as lanes 0..e + 1 of an
+// 8-float vector at og[0] (e + 1 <= 7 as a second run follows), every later run (s >= 1) as
+// lanes s - 1..e of one at og[s] - s + 1, which always fits. A position receives voxel l - 1's
+// x + 1 weight (w1), then voxel l's x weight (w0), the scalar order, by two merge-masked adds
+// between one load and one store. Runs go in lane order, so a position two runs share also
+// receives its weights in voxel order: bit-identical to scatter_voxel, with 4 vector
+// read-add-writes per run in place of 4 pair read-add-writes and a 3-way branch per voxel
+// (scatter_block). 8-float vectors, not 16: a 64-byte access at an arbitrary offset always
+// spans two cache lines. One form for all later runs (not the first form for all runs but the
+// last, which ends at lane 8) saves a branch per run.
 // ox: the lanes' x cells; width: the image's W.
 DA_SIMD_INLINE void scatter_runs(float* q, const int32_t* og, const int32_t* ox, int32_t width, unsigned starts,
                                  const __m256 (&w0)[4], const __m256 (&w1)[4], int32_t gsd, int32_t gsh) {
@@ -489,6 +533,8 @@ DA_SIMD_INLINE unsigned run_starts(__m256i) { return 0; }
 DA_SIMD_INLINE void scatter_runs(float*, const int32_t*, const int32_t*, int32_t, unsigned, const __m256 (&)[4],
                                  const __m256 (&)[4], int32_t, int32_t) {}
 #endif
+
+// ---- 8. Backward of a row -----------------------------------------------------------------------
 
 // Backward of one output row (see backward_interior). go: grad_out row, channel stride go_c,
 // W stride go_w (0 or 1). kWhat (RowOutputs) says what it computes; the pointers of the rest
@@ -624,3 +670,4 @@ DA_SIMD void backward_row(const RowArgs& r, const float* go, int64_t go_c, int64
   for (; w < r.width; ++w) fallback(w);
 }
 
+#endif  // DA_WARP_CPU_SIMD_ROWS_BODY

@@ -186,7 +186,7 @@ DA_HD_INLINE void interpolate_grad(const acc_t (&v)[2][2][2], const Cell<acc_t>&
 }
 
 // Linear sample of every channel at an interior location. kChannels > 0 fixes the channel
-// count at compile time (the CPU's single-channel loop is ~2x shorter), 0 reads g.channels.
+// count at compile time (the CPU's single-channel loop is then much shorter), 0 reads g.channels.
 template <int kChannels, typename scalar_t, typename acc_t>
 DA_HD_INLINE void sample_interior(const Geometry& g, const scalar_t* img, const Strides5& is,
                                   const Cell<acc_t>& cell, scalar_t* out, int64_t out_c) {

@@ -14,6 +14,9 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 ops = torch.ops.deepatlas_fast
 with_cuda: bool = bool(_C.with_cuda)
 cuda_archs: str = str(_C.cuda_archs)
+# Of the instruction sets the CPU kernels' SIMD paths use, those this CPU has: "avx2", "fma",
+# "avx512" (F, VL and DQ), as the kernels' own runtime checks see them.
+cpu_instruction_sets: frozenset[str] = frozenset(_C.cpu_instruction_sets)
 
 
 def functorch_active() -> bool:
