@@ -84,8 +84,22 @@ def test_demo_quick(tmp_path, capsys):
     assert len(pngs) >= 5 and all(f"]({p})" in report for p in pngs)
     assert "| DA (reg) |" in report and "Left-Hippocampus (17)" in report
     text = doc.read_text()
-    assert text.startswith("before\n<!-- demo:quick:start -->\n| method |") and text.endswith("<!-- demo:quick:end -->\nafter\n")
-    assert "old table" not in text and "| DA (seg) |" in text
+    assert text.startswith("before\n<!-- demo:quick:start -->\nPreset `quick`, test split, seed 0: ")
+    assert text.endswith("<!-- demo:quick:end -->\nafter\n")
+    assert "old table" not in text and "| DA (seg) |" in text and "\n| method |" in text
+    # the table again from results.json alone, training nothing
+    doc2 = tmp_path / "doc2.md"
+    doc2.write_text("<!-- demo:quick:start -->\n<!-- demo:quick:end -->\n\n"
+                    "<!-- demo:quick:structures:start -->\n<!-- demo:quick:structures:end -->\n")
+    capsys.readouterr()
+    assert cli_main(["demo", "--from-results", str(out / "results.json"), "--update-doc", str(doc2)]) == 0
+    assert doc2.read_text().startswith(text[len("before\n"):-len("after\n")])
+    assert "| Left-Hippocampus (17) |" in doc2.read_text()   # the per-structure block
+    assert "Left-Hippocampus" not in text                      # only where the doc asks for it
+    assert "| DA (reg) |" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{}")
+    assert cli_main(["demo", "--from-results", str(tmp_path / "bad.json")]) == 2
+    assert "not a demo results.json" in capsys.readouterr().err
     with pytest.raises(FileExistsError):
         run_demo(out, preset="quick", progress=False)
 

@@ -22,13 +22,25 @@ def add_arguments(p):
     p.add_argument("--seeds", type=str, default=None, help="comma-separated seeds instead of the preset's")
     p.add_argument("--update-doc", action="append", default=[], metavar="FILE",
                    help="replace the <!-- demo:PRESET:start/end --> block of FILE with the summary table")
+    p.add_argument("--from-results", metavar="RESULTS_JSON",
+                   help="train nothing: print and write (--update-doc) the table of a finished demo's results.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
-    from ..demo import run_demo
+    from ..demo import run_demo, summary_table, update_doc_blocks
+    if args.from_results:
+        import json
+        from pathlib import Path
+        try:
+            res = json.loads(Path(args.from_results).read_text())
+            table = summary_table(res)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--from-results {args.from_results}: not a demo results.json ({e})") from None
+        update_doc_blocks(res, args.update_doc)
+        print(table)
+        return 0
     preset = "quick" if args.quick else "long" if args.long else "full"
-    from ..demo import summary_table
     res = run_demo(args.out, preset=preset, split=args.split, seeds=None if args.seeds is None else _seeds(args.seeds),
                    update_docs=args.update_doc, progress=not args.no_progress)
     print("\n" + summary_table(res))
