@@ -1,7 +1,8 @@
 """python -m benchmarks [--only warp,lncc,dice,onnx] [--shape 160 192 224] [--repeat 5]
-                        [--no-memory] [--json results.json]
+                        [--no-memory] [--json results.json] [--markdown docs/performance.md]
 
-Prints one Markdown table per benchmark module, ratios measured in the same run."""
+Prints one Markdown table per benchmark module, ratios measured in the same run; --markdown
+also writes the complete page (method, environment, tables) that docs/performance.md is."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--json", help="also write all rows to this JSON file")
+    p.add_argument("--markdown", metavar="PATH",
+                   help="also write a complete Markdown page (method, environment, tables) to PATH")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
     unknown = [w for w in wanted if w not in MODULES]
@@ -62,6 +66,13 @@ def main(argv=None) -> int:
         all_rows += rows
     if args.json:
         common.dump_json(all_rows, args.json)
+    if args.markdown:
+        env = common.environment(args.shape, args.repeat, argv, onnx="onnx" in wanted)
+        ort = sorted({r["onnxruntime"] for r in all_rows if "onnxruntime" in r})
+        if ort:
+            env["onnxruntime"] = ", ".join(ort) + " (CPU execution provider)"
+        common.write_markdown(all_rows, env, args.markdown)
+        print(f"wrote {args.markdown}", file=sys.stderr)
     return 0
 
 

@@ -108,6 +108,8 @@ def main(args) -> list[dict]:
                               "seconds": t, "threads": threads, "onnxruntime": ort.__version__}
                        for name, t in times.items()}
             for title, ours, others in GROUPS:
+                for name in [ours, *others]:
+                    by_case[name]["group"] = title
                 for other in others:
                     by_case[other].setdefault("speedup_of", {})[ours] = by_case[other]["seconds"] / by_case[ours]["seconds"]
             print(f"\n### onnx: {label} ({'x'.join(map(str, shape))}, float32, batch 1, {threads} threads, "

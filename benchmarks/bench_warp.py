@@ -98,7 +98,7 @@ GROUPS = [
 ]
 
 
-# ---- CUDA: achieved bandwidth (runs only where a GPU exists; never ran on this project's machines)
+# ---- CUDA: achieved bandwidth (runs only where a CUDA device exists)
 
 def _cuda_seconds(fn, repeat: int) -> float:
     fn()
@@ -129,7 +129,7 @@ def cuda_bandwidth(shape, repeat: int = 20):
 
 def format_bandwidth(result) -> str:
     if result is None:
-        return "CUDA: no device here; achieved GB/s not measured."
+        return "CUDA: no device; achieved GB/s not measured."
     return (f"CUDA ({result['device']}): warp forward {result['warp_gbps']:.0f} GB/s, device-to-device copy "
             f"{result['copy_gbps']:.0f} GB/s ({result['warp_gbps'] / result['copy_gbps']:.0%} of copy), "
             f"{result['bytes'] / 2**20:.0f} MiB moved per call")

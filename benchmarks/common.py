@@ -24,9 +24,9 @@ DEFAULT_SHAPE = (160, 192, 224)  # the OASIS grid at 1 mm
 MIB = 1 << 20
 MMAP_THRESHOLD = 1 << 17  # glibc's default, made fixed in the memory child processes
 # Untimed rounds before the timed ones: up to WARMUP_ROUNDS, stopping once WARMUP_SECONDS have
-# passed (one round when the baselines are slow). On this VM a process's first calls that fault
-# in fresh memory run several times slower for a second or so (seen: warp backwards 2-3x slower
-# for the first ~10 calls, then steady); a single warm-up call left that inside the timing.
+# passed (one round when the baselines are slow). A process's first calls, which fault in fresh
+# memory, can run several times slower for a second or so; a single warm-up call would leave
+# that inside the timing.
 WARMUP_ROUNDS = 3
 WARMUP_SECONDS = 2.0
 
@@ -105,9 +105,9 @@ def measure_peak(module: str, case: str, shape) -> int:
 
 def interleaved_times(fns: dict, repeat: int, warmup: int = WARMUP_ROUNDS) -> dict:
     """Median seconds of each fn, measured in rounds that call every fn once: the cases of a
-    comparison see the same machine state (this VM's speed and its allocator's state drift
-    within a run, and a case timed alone minutes apart from another would carry that drift
-    into the ratio). The warm-up is rounds of the same kind (see WARMUP_ROUNDS)."""
+    comparison see the same machine state (a machine's speed and the allocator's state can
+    drift within a run, and a case timed alone minutes apart from another would carry that
+    drift into the ratio). The warm-up is rounds of the same kind (see WARMUP_ROUNDS)."""
     start = time.perf_counter()
     for _ in range(warmup):
         for fn in fns.values():
@@ -157,17 +157,21 @@ def run_module(module: str, shape, repeat: int, memory: bool, progress=print) ->
 
 
 def format_table(rows: list[dict], groups) -> str:
-    """Markdown table: one line per case, the ratio against our case of the same group."""
-    lines = ["| benchmark | implementation | median time | speed-up of ours | peak extra memory |",
-             "|---|---|---:|---:|---:|"]
+    """Markdown table: one line per case, the ratio against our case of the same group; the
+    peak-memory column only when some row has a measurement."""
+    memory = any("peak_extra_mib" in r for r in rows)
+    lines = ["| benchmark | implementation | median time | speed-up of ours |" + (" peak extra memory |" if memory else ""),
+             "|---|---|---:|---:|" + ("---:|" if memory else "")]
     by_case = {r["case"]: r for r in rows}
     for title, ours, others in groups:
         for name in [ours, *others]:
             r = by_case[name]
             ratio = "" if name == ours else f"{r['speedup_of'][ours]:.1f}x"
-            mem = (f"{r['peak_extra_mib']:.0f} MiB ({r['peak_extra_volumes']:.1f} vol)"
-                   if "peak_extra_mib" in r else "")
-            lines.append(f"| {title} | {name} | {r['seconds'] * 1e3:.1f} ms | {ratio} | {mem} |")
+            line = f"| {title} | {name} | {r['seconds'] * 1e3:.1f} ms | {ratio} |"
+            if memory:
+                line += (f" {r['peak_extra_mib']:.0f} MiB ({r['peak_extra_volumes']:.1f} vol) |"
+                         if "peak_extra_mib" in r else " |")
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -178,7 +182,7 @@ def dump_json(rows, path):
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
 
-# ---- Memory roofline: how close our cases run to this machine's memory bandwidth, and what
+# ---- Memory roofline: how close our cases run to the machine's memory bandwidth, and what
 # speed-up over the baseline that bandwidth allows at best (a goal above it cannot be met).
 
 def copy_seconds(nbytes: int, repeat: int) -> float:
@@ -217,3 +221,181 @@ def format_roofline(entries: list[dict]) -> str:
                      f"{e['copy_gbps']:.1f} GB/s ({e['copy_seconds'] * 1e3:.1f} ms) | "
                      f"{e['gbps'] / e['copy_gbps']:.0%} | {best} |")
     return "\n".join(lines)
+
+
+# ---- The Markdown page of a run (python -m benchmarks --markdown PATH): method, environment,
+# and the tables above, rebuilt from the rows alone (so a --json file could be rendered too).
+
+PAGE_COMMAND = "python -m benchmarks --markdown docs/performance.md"
+
+# module -> (heading, what is compared)
+SECTIONS = {
+    "bench_warp": ("Warp", "`deepatlas_fast.warp` (trilinear, zeros padding) against VoxelMorph's "
+                   "`SpatialTransformer` path (identity grid + displacement, normalised, `grid_sample`, "
+                   "re-written in `benchmarks/bench_warp.py`). One-channel image, a smooth random "
+                   "displacement (3 voxels, varying over 16 voxels). *disp only*: the image needs no "
+                   "gradient, as in registration training."),
+    "bench_dice": ("Soft Dice", "`deepatlas_fast.soft_dice` (5 classes, logits with the softmax fused, "
+                   "int64 labels) against MONAI's `DiceLoss(softmax=True, to_onehot_y=True)`."),
+    "bench_lncc": ("LNCC", "`deepatlas_fast.lncc` (window 9, gradients to both images) against MONAI's "
+                   "`LocalNormalizedCrossCorrelationLoss(kernel_type=\"rectangular\")` and VoxelMorph's "
+                   "conv3d NCC (re-written in `benchmarks/bench_lncc.py`)."),
+    "bench_onnx": ("ONNX Runtime vs PyTorch eager", "The exported models (see [deployment](deployment.md)) in "
+                   "ONNX Runtime's CPU provider against the same graphs in PyTorch eager: default-width nets, "
+                   "random weights, 28 classes, batch 1, inference mode, as many ORT intra-op threads as "
+                   "torch threads. *seg*: logits + argmax; *reg+warp*: displacement + the moving image "
+                   "warped by it, the warp as one `GridSample` or as gathers (`--warp gather`). Time only."),
+}
+
+METHOD = """\
+- **Rounds.** A comparison (our case and its baselines) is timed in interleaved rounds, one call
+  of each case per round; the figure is the median over `--repeat` rounds (default 5), and a
+  speed-up is the baseline's median divided by ours. A machine's speed and the allocator's
+  state drift within a run, and a case timed alone, minutes away from its baseline, would carry
+  that drift into the ratio; ratios are therefore only compared within one run.
+- **Warm-up.** Up to 3 untimed rounds first, fewer once 2 s have passed: a process's first calls,
+  which fault in fresh memory, can be several times slower.
+- **What a call is.** Forward: one call of the op or loss. Forward+backward:
+  `fn(*inputs).backward(grad)`, after which the inputs' gradients are dropped, so every call
+  allocates its gradients as a training step does. Inputs are float32, batch 1.
+- **Peak extra memory.** The peak resident set added by one call, measured for each case in a
+  fresh Python process after one warm-up call, with the package's CPU cache emptied before the
+  measured call and glibc's mmap threshold fixed (`MALLOC_MMAP_THRESHOLD_=131072`), so that
+  buffers freed by the warm-up are not silently reused; the high-water mark is reset through
+  `/proc/self/clear_refs`. Given in MiB and in float32 volumes of the benchmark's shape.
+- **Memory roofline.** For each of our cases with a `LEAST_BYTES` entry (warp, soft Dice), the
+  least memory traffic any implementation of that call must move (e.g. the warp forward reads
+  the displacement and the image and writes the output: 5 volumes; the Dice backward must read
+  the logits and labels again once the whole-volume sums exist, and write the gradient). The
+  table gives our achieved GB/s, the speed of a plain CPU copy of as many bytes timed in the same
+  run, and the baseline's time divided by that copy time: the largest speed-up over the baseline
+  that any implementation running at copy speed could reach on that machine at that moment.
+  LNCC has no such row: its box sums make it compute-bound.
+- **Allocation cost.** The baselines allocate several volume-sized temporaries per call; with
+  glibc's defaults each large buffer is mapped afresh and page-faulted at first touch, which is
+  a sizeable part of their time. Our volume-sized outputs come from the package's cache of freed
+  outputs ([ops](ops.md#cpu-memory-cache)). Where allocation is cheap (e.g. glibc's
+  `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` raised), the baselines get faster and
+  the ratios smaller.
+"""
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def git_commit(root: str | None = None) -> str | None:
+    """Short commit of the checkout at root ("+ local changes" when tracked files differ), or None."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + (" + local changes" if dirty else "")
+
+
+def environment(shape, repeat: int, argv=None, onnx: bool = False) -> dict:
+    """What a run's figures depend on, as {label: value} in the order of the page's table."""
+    import datetime
+    import platform
+
+    from deepatlas_fast.ops import _library
+    import deepatlas_fast
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit() or "unknown (not a git checkout)",
+        "CPU": f"{cpu_model()} ({os.cpu_count()} logical CPUs, {platform.machine()})",
+        "instruction sets the kernels use": ", ".join(sorted(_library.cpu_instruction_sets)) or "none (scalar code)",
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "deepatlas_fast": f"{deepatlas_fast.__version__} (CUDA kernels built: {'yes' if _library.with_cuda else 'no'})",
+        "CUDA device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (no CUDA figure measured)",
+        "shape": "x".join(map(str, shape)) + (" (ONNX: its own two grids)" if onnx else ""),
+        "rounds (median of)": str(repeat),
+    }
+    if os.environ.get("DEEPATLAS_FAST_SIMD"):
+        env["DEEPATLAS_FAST_SIMD"] = os.environ["DEEPATLAS_FAST_SIMD"]
+    if argv is not None:
+        env["command"] = "`" + " ".join(["python -m benchmarks", *argv]) + "`"
+    return env
+
+
+def groups_of(rows: list[dict]) -> list[tuple]:
+    """(title, ours, [others]) of a section's rows, from their speedup_of entries, in row order;
+    a case in no comparison is a group of its own."""
+    groups = {}
+    for r in rows:
+        for ours in r.get("speedup_of", {}):
+            groups.setdefault(ours, (r.get("group", ours), ours, []))[2].append(r["case"])
+    named = set(groups) | {c for _, _, others in groups.values() for c in others}
+    order = []
+    for r in rows:
+        if r["case"] in groups:
+            order.append(groups[r["case"]])
+        elif r["case"] not in named:
+            order.append((r.get("group", r["case"]), r["case"], []))
+    return order
+
+
+def _sections(rows: list[dict]) -> list[tuple]:
+    """[(module, grid or None, rows)] in the order of the rows."""
+    out = {}
+    for r in rows:
+        out.setdefault((r["module"], r.get("grid")), []).append(r)
+    return [(m, g, rs) for (m, g), rs in out.items()]
+
+
+def markdown_page(rows: list[dict], env: dict, notes: str = "") -> str:
+    """The complete Markdown page of a run: method, environment (env), one section per
+    benchmark module with its tables (as the runner prints them), and `notes` at the end."""
+    lines = ["# Performance", "",
+             f"Measured by the benchmark runner; this page is regenerated by `{PAGE_COMMAND}` "
+             "(run from the repository root after `pip install --no-build-isolation \".[bench]\"`; "
+             "add `--only`, `--shape`, `--repeat` as needed). No GPU figure is given unless the "
+             "environment below names a CUDA device.", "",
+             "## Method", "", METHOD.rstrip(), "",
+             "## Environment", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in env.items()]
+    seen = set()
+    for module, grid, section in _sections(rows):
+        heading, about = SECTIONS.get(module, (module, ""))
+        if module not in seen:
+            seen.add(module)
+            lines += ["", f"## {heading}", ""] + ([about, ""] if about else [])
+        main = [r for r in section if not r.get("roofline") and r.get("case") != "cuda bandwidth"]
+        roof = [r for r in section if r.get("roofline")]
+        cuda = [r for r in section if r.get("case") == "cuda bandwidth"]
+        if main:
+            shape = "x".join(map(str, main[0].get("shape", [])))
+            where = f"{grid} ({shape})" if grid else shape
+            lines += ([""] if lines[-1] else []) + [f"### {where}, float32, batch 1", "",
+                                                    format_table(main, groups_of(main))]
+            if not any("peak_extra_mib" in r for r in main) and module != "bench_onnx":
+                lines += ["", "Peak memory not measured in this run (`--no-memory`)."]
+        if roof:
+            lines += ["", "Memory roofline (same run):", "", format_roofline(roof)]
+        for c in cuda:
+            from benchmarks import bench_warp
+            lines += ["", bench_warp.format_bandwidth(c)]
+    if notes.strip():
+        lines += ["", notes.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(rows: list[dict], env: dict, path, notes: str = "") -> None:
+    with open(path, "w") as f:
+        f.write(markdown_page(rows, env, notes))

@@ -152,3 +152,77 @@ def test_warp_simd_levels_times_every_level_and_checks_their_bits(monkeypatch):
     monkeypatch.setattr(tool.torch, "equal", lambda a, b: False)  # a level that differs is reported
     with pytest.raises(AssertionError, match="differs"):
         tool.time_levels((16, 6, 24), ["0", "1"], rounds=1, warmup=0)
+
+
+def _synthetic_rows():
+    """Rows as the runner collects them (no timing): warp with memory and a roofline, soft Dice
+    without memory, ONNX at two grids."""
+    w = "bench_warp"
+    warp = [
+        {"module": w, "case": "ours fwd", "shape": [16, 16, 16], "seconds": 0.0159, "group": "warp forward",
+         "peak_extra_mib": 28.0, "peak_extra_volumes": 1.1},
+        {"module": w, "case": "theirs fwd", "shape": [16, 16, 16], "seconds": 0.3529, "group": "warp forward",
+         "speedup_of": {"ours fwd": 22.2}, "peak_extra_mib": 236.0, "peak_extra_volumes": 9.0},
+        {"module": w, "case": "lone", "shape": [16, 16, 16], "seconds": 0.001},
+        {"module": w, "roofline": True, "group": "warp forward", "case": "ours fwd", "least_bytes": 131 << 20,
+         "gbps": 8.6, "copy_gbps": 29.6, "copy_seconds": 0.0046, "max_speedup_of": {"theirs fwd": 76.0}},
+    ]
+    dice = [
+        {"module": "bench_dice", "case": "ours dice", "shape": [16, 16, 16], "seconds": 0.0144, "group": "dice"},
+        {"module": "bench_dice", "case": "monai dice", "shape": [16, 16, 16], "seconds": 0.1426, "group": "dice",
+         "speedup_of": {"ours dice": 9.9}},
+    ]
+    onnx = [{"module": "bench_onnx", "case": c, "shape": list(s), "grid": g, "seconds": t, "group": "seg",
+             **({"speedup_of": {"seg: ONNX Runtime": t / 0.654}} if "eager" in c else {})}
+            for g, s in (("2 mm demo", (80, 96, 112)), ("1 mm", (160, 192, 224)))
+            for c, t in (("seg: ONNX Runtime", 0.654), ("seg: PyTorch eager", 1.872))]
+    return warp + dice + onnx
+
+
+def test_markdown_page_has_method_environment_and_every_table():
+    env = {"date": "2026-11-26", "CPU": "Some CPU (2 logical CPUs, x86_64)", "threads": "2", "torch": "2.14.1"}
+    page = common.markdown_page(_synthetic_rows(), env, notes="A closing remark.")
+    lines = page.splitlines()
+    assert lines[0] == "# Performance" and common.PAGE_COMMAND in page
+    heads = [l for l in lines if l.startswith("#")]
+    assert heads == ["# Performance", "## Method", "## Environment", "## Warp", "### 16x16x16, float32, batch 1",
+                     "## Soft Dice", "### 16x16x16, float32, batch 1", "## ONNX Runtime vs PyTorch eager",
+                     "### 2 mm demo (80x96x112), float32, batch 1", "### 1 mm (160x192x224), float32, batch 1"]
+    for word in ("interleaved rounds", "median", "Warm-up", "fresh Python process", "Memory roofline", "copy speed"):
+        assert word in page, word
+    assert "| CPU | Some CPU (2 logical CPUs, x86_64) |" in page and "| torch | 2.14.1 |" in page
+    # the runner's tables: ratios, memory where measured, the lone case, the roofline
+    assert "| warp forward | theirs fwd | 352.9 ms | 22.2x | 236 MiB (9.0 vol) |" in page
+    assert "| lone | lone | 1.0 ms |  | |" in page
+    assert "| warp forward | 131 MiB | 8.6 GB/s | 29.6 GB/s (4.6 ms) | 29% | 76x over theirs fwd |" in page
+    dice = page.split("## Soft Dice")[1].split("## ONNX")[0]
+    assert "| dice | monai dice | 142.6 ms | 9.9x |" in dice and "peak extra memory" not in dice
+    assert "Peak memory not measured" in dice
+    onnx = page.split("## ONNX Runtime vs PyTorch eager")[1]
+    assert onnx.count("| seg | seg: PyTorch eager | 1872.0 ms | 2.9x |") == 2 and "not measured" not in onnx
+    assert page.rstrip().endswith("A closing remark.")
+
+
+def test_groups_of_rebuilds_the_comparisons_from_the_rows():
+    rows = _synthetic_rows()
+    warp = [r for r in rows if r["module"] == "bench_warp" and not r.get("roofline")]
+    assert common.groups_of(warp) == [("warp forward", "ours fwd", ["theirs fwd"]), ("lone", "lone", [])]
+
+
+def test_runner_writes_the_markdown_page(tmp_path, monkeypatch):
+    """--markdown through the runner's own argument parsing, with the timing replaced."""
+    import benchmarks.__main__ as runner
+    rows = [dict(r) for r in _synthetic_rows() if r["module"] == "bench_warp" and not r.get("roofline")]
+    monkeypatch.setattr(common, "run_module", lambda module, shape, repeat, memory, progress: [dict(r) for r in rows])
+    monkeypatch.setattr(common, "copy_seconds", lambda nbytes, repeat: 1e-3)
+    monkeypatch.setattr(bench_warp, "LEAST_BYTES", {"ours fwd": lambda s: 1 << 20})
+    monkeypatch.setattr(bench_warp, "GROUPS", [("warp forward", "ours fwd", ["theirs fwd"])])
+    out = tmp_path / "perf.md"
+    assert runner.main(["--only", "warp", "--shape", "16", "16", "16", "--repeat", "1", "--no-memory",
+                        "--markdown", str(out)]) == 0
+    page = out.read_text()
+    assert "## Environment" in page and "## Warp" in page and "Memory roofline" in page
+    assert "`python -m benchmarks --only warp --shape 16 16 16 --repeat 1 --no-memory --markdown " in page
+    env = common.environment((16, 16, 16), 1)
+    assert set(env) >= {"date", "commit", "CPU", "threads", "torch", "shape", "rounds (median of)"}
+    assert env["shape"].startswith("16x16x16") and env["threads"] == str(torch.get_num_threads())
