@@ -11,7 +11,7 @@ import pytest
 from _installed import PKG_ROOT
 from _synth import LABEL_VALUES, tiny_overrides, tiny_run, write_dataset
 from deepatlas_fast.cli import COMMANDS, main
-from deepatlas_fast.io import load_header, load_nifti, save_nifti
+from deepatlas_fast.data.io import load_header, load_nifti, save_nifti
 
 
 def test_help_lists_every_command(tmp_path):
@@ -88,7 +88,7 @@ def test_register_refuses_mismatched_grids(tmp_path_factory, tmp_path):
 def test_segment_resamples_an_image_of_another_voxel_size(tmp_path_factory, tmp_path, capsys):
     """An image at twice the training voxel size is segmented on the training grid (the net sees
     the resampled image) and labelled on its own grid, with its own affine."""
-    from deepatlas_fast.api import load_run
+    from deepatlas_fast.inference.run import load_run
     dl, run_dir = tiny_run(tmp_path_factory.getbasetemp())
     run = load_run(run_dir)
     img, aff = load_nifti(Path(dl).parent / "img0.nii.gz")

@@ -12,7 +12,7 @@ import torch
 
 from _installed import PKG_ROOT
 from _synth import tiny_overrides, write_dataset
-from deepatlas_fast.train import list_checkpoints, train
+from deepatlas_fast.training.trainer import list_checkpoints, train
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):
@@ -35,7 +35,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
             assert torch.allclose(a[net][k], b[net][k], atol=1e-5, rtol=1e-4), (net, k)
     # and training did move the weights (the comparison is not between two untouched inits)
     torch.manual_seed(0)
-    from deepatlas_fast.config import load_config
-    from deepatlas_fast.nets import build_nets
+    from deepatlas_fast.training.config import load_config
+    from deepatlas_fast.nn.nets import build_nets
     init_reg, _ = build_nets(load_config(None, common)["model"], 4)
     assert not torch.allclose(init_reg.state_dict()["flow.weight"], a["reg"]["flow.weight"])

@@ -11,10 +11,10 @@ import pytest
 
 from _onnx import exported_run
 from _synth import LABEL_VALUES
-from deepatlas_fast.api import load_run
+from deepatlas_fast.inference.run import load_run
 from deepatlas_fast.cli import main
-from deepatlas_fast.deploy import default_providers, load_onnx
-from deepatlas_fast.io import load_nifti, save_nifti
+from deepatlas_fast.deploy.runtime import default_providers, load_onnx
+from deepatlas_fast.data.io import load_nifti, save_nifti
 
 DATA = Path(__file__).parent / "data"
 

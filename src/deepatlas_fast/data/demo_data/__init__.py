@@ -1,7 +1,7 @@
 """The brain demo set shipped with the package (see CREDITS.md here for sources and credits).
 
-    from deepatlas_fast.demo_data import datalist_path
-    deepatlas-fast train --data $(python -c "from deepatlas_fast.demo_data import datalist_path; print(datalist_path())")
+    from deepatlas_fast.data.demo_data import datalist_path
+    deepatlas-fast train --data $(python -c "from deepatlas_fast.data.demo_data import datalist_path; print(datalist_path())")
 """
 from __future__ import annotations
 

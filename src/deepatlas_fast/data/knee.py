@@ -16,7 +16,7 @@ A subject's side comes from ``sides.csv``, else from "left"/"right" in its file 
 needs SimpleITK (``pip install deepatlas_fast[knee]``); volumes are returned in NIfTI voxel order
 (i, j, k) with a RAS affine, whatever the input format.
 
-    from deepatlas_fast.knee import find_subjects, load_knee, prepare_knee_dataset
+    from deepatlas_fast.data.knee import find_subjects, load_knee, prepare_knee_dataset
     prepare_knee_dataset("OAI-ZIB", "knee_nifti")   # -> knee_nifti/datalist.json for `train`
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ def find_subjects(root) -> list[KneeSubject]:
     root = Path(root)
     img_dir = root / "images"
     if not img_dir.is_dir():
-        raise FileNotFoundError(f"{root}: no images/ folder (expected OAI-ZIB-style layout, see deepatlas_fast.knee)")
+        raise FileNotFoundError(f"{root}: no images/ folder (expected OAI-ZIB-style layout, see deepatlas_fast.data.knee)")
     sides = read_sides(root / "sides.csv") if (root / "sides.csv").is_file() else {}
     labels = {}
     for d in ("segmentation_masks", "labels"):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ops import warp
+from ..ops import warp
 
 # FreeSurfer aseg left/right pairs (left value, right value).
 FREESURFER_LR_PAIRS = ((2, 41), (3, 42), (4, 43), (5, 44), (7, 46), (8, 47), (10, 49), (11, 50), (12, 51),

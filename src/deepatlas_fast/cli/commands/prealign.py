@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..prealign import prealign_files
+    from ...data.prealign import prealign_files
     if args.labels and not args.labels_out:
         print("deepatlas-fast prealign: --labels needs --labels-out", file=sys.stderr)
         return 2

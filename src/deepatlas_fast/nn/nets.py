@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import warp
+from ..ops import warp
 
 
 class _ChannelsLast:

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import VolumeDataset, check_grids, read_data
-from .io import LabelTable
+from ..data.datasets import VolumeDataset, check_grids, read_data
+from ..data.io import LabelTable
 
 
 def dice_per_class(pred, target, classes) -> np.ndarray:
@@ -89,7 +89,7 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
     atlas-copy and atlas-registration segmentations of every labelled image of the split."""
     from tqdm import tqdm
 
-    from .api import Run, load_run
+    from .run import Run, load_run
     if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 0:
         raise ValueError(f"max_pairs must be an integer >= 0, got {max_pairs!r}")
     run_dir = None
@@ -178,7 +178,7 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     if figures:
-        from .figures import plot_dice, plot_registration, plot_segmentation
+        from ..training.figures import plot_dice, plot_registration, plot_segmentation
         if lab_idx:
             i = lab_idx[0]
             plot_segmentation(orig(i)[0], orig(i)[1], preds[i], out_dir / "seg_example.png", title=names[i])

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .io import LabelTable, is_nifti, load_header, load_nifti
-from .ops import warp
+from ..ops import warp
 from .preprocess import Preprocessing
 
 SPLITS = ("training", "validation", "test")

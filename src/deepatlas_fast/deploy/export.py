@@ -1,6 +1,6 @@
 """Export a trained run to ONNX: ``seg.onnx`` and ``reg.onnx`` in standard ONNX ops only.
 
-    from deepatlas_fast.export import export_run
+    from deepatlas_fast.deploy.export import export_run
     export_run("runs/brain", "runs/brain/onnx")            # warp as GridSample (opset 20)
     export_run("runs/brain", "onnx_gather", warp="gather")  # warp as Gather-based trilinear sampling
 
@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import __version__
+from .. import __version__
 
 FORMAT = "1"
 OPSET = 20
@@ -162,7 +162,7 @@ class RegGraph(nn.Module):
         self.net = net
 
     def forward(self, moving, target):
-        from .ops import warp
+        from ..ops import warp
         disp = self.net(moving, target)
         return disp, warp(moving, disp)
 
@@ -213,7 +213,7 @@ def export_module(module: nn.Module, example: tuple, path, *, input_names, outpu
 
 def export_run(run_dir, out_dir, *, warp: str = "gridsample", checkpoint=None) -> dict:
     """Export the nets of a run (latest checkpoint, or ``checkpoint``) -> {"seg": path, "reg": path}."""
-    from .api import load_run
+    from ..inference.run import load_run
     if warp not in WARP_IMPLS:
         raise ValueError(f"--warp must be one of {WARP_IMPLS}, got {warp!r}")
     run = load_run(run_dir, checkpoint=checkpoint)

@@ -2,7 +2,7 @@
 
 Python::
 
-    from deepatlas_fast.train import train
+    from deepatlas_fast.training.trainer import train
     run_dir = train("config.yaml", "datalist.json", "runs/brain", stage="all",
                     overrides=["train.steps.da=500", "data.downsample=2"])
 
@@ -24,14 +24,14 @@ Run directory (RUN_DIR)::
     config.json          resolved config (defaults <- --config file <- --set overrides)
     run.json             {"plan": [stages], "data": datalist/folder used, "version": package version}
     preprocessing.json   label table (original values of classes 0..C-1), intensity percentiles,
-                         downsampling factor, pad multiple, training spacing and grid (see preprocess.py)
+                         downsampling factor, pad multiple, training spacing and grid (see data/preprocess.py)
     checkpoints/ckpt-GGGGGGGG.pt   G = global step over the plan; written atomically (temp + rename);
                          keys: format, plan, stage, stage_step, global_step, completed (stages done),
                          reg, seg (state dicts), optim, sched (per trained net), rng, config and
                          preprocessing (JSON strings: a checkpoint alone rebuilds the nets)
     metrics.jsonl        one JSON object per log line: stage, step, global_step, time, losses, val Dice
     curves.png           training curves
-    eval/                written by ``deepatlas-fast evaluate`` (see evaluate.py)
+    eval/                written by ``deepatlas-fast evaluate`` (see inference/evaluation.py)
 
 Checkpoints load with ``torch.load(weights_only=True)``. ``resume=True`` continues from the
 latest checkpoint exactly: each step draws its pairs from a generator seeded by (seed, stage,
@@ -56,15 +56,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import __version__
+from .. import __version__
 from .config import STAGES, load_config, merge, save_config, validate
-from .data import PairSampler, VolumeDataset, check_grids, infer_label_table, read_data
-from .io import LabelTable
-from .augment import Augmenter, lr_axis_of, match_class_intensities
-from .losses import dice_loss, gradient_l2, lncc_loss, ncc_loss, segmentation_loss
-from .nets import build_nets
-from .ops import warp
-from .preprocess import Preprocessing
+from ..data.datasets import PairSampler, VolumeDataset, check_grids, infer_label_table, read_data
+from ..data.io import LabelTable
+from ..data.augment import Augmenter, lr_axis_of, match_class_intensities
+from ..nn.losses import dice_loss, gradient_l2, lncc_loss, ncc_loss, segmentation_loss
+from ..nn.nets import build_nets
+from ..ops import warp
+from ..data.preprocess import Preprocessing
 
 CKPT_FORMAT = 1
 PLANS = {"all": ["seg", "reg", "da"], "seg": ["seg"], "reg": ["reg"], "semi-da": ["semi-da"], "da": ["da"]}
@@ -334,7 +334,7 @@ class Trainer:
     # -- validation (rank 0, network grid)
     @torch.no_grad()
     def validate(self):
-        from .evaluate import dice_per_class
+        from ..inference.evaluation import dice_per_class
         ds = self.val_ds
         if ds is None or sum(ds.labelled) == 0:
             return {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import lncc, soft_dice
+from ..ops import lncc, soft_dice
 
 
 def lncc_loss(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:

@@ -12,7 +12,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..export import export_run
+    from ...deploy.export import export_run
     paths = export_run(args.run, args.output, warp=args.warp, checkpoint=args.checkpoint)
     print(f"wrote {paths['seg']}, {paths['reg']}")
     return 0

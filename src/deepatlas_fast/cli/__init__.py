@@ -1,6 +1,6 @@
 """Command line: ``deepatlas-fast <command> ...``.
 
-Each command is a module ``deepatlas_fast.commands.<name>`` with ``add_arguments(parser)`` and
+Each command is a module ``deepatlas_fast.cli.commands.<name>`` with ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported only when their command runs (or to build the parser),
 so a new command is one module plus one entry in ``COMMANDS``.
 """
@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from .. import __version__
 
 # name -> one-line help; order is the order shown by --help
 COMMANDS = {
@@ -25,7 +25,7 @@ COMMANDS = {
 
 
 def _module(name: str):
-    return importlib.import_module(f"deepatlas_fast.commands.{name.replace('-', '_')}")
+    return importlib.import_module(f"deepatlas_fast.cli.commands.{name.replace('-', '_')}")
 
 
 def build_parser(argv=None) -> argparse.ArgumentParser:
@@ -54,6 +54,3 @@ def main(argv=None) -> int:
         print(f"deepatlas-fast {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

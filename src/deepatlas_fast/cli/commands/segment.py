@@ -14,12 +14,12 @@ def add_arguments(p):
 
 def run(args) -> int:
     if args.onnx is not None:
-        from ..deploy import load_onnx
+        from ...deploy.runtime import load_onnx
         model = load_onnx(args.onnx, device=args.device)
         out = model.segment_file(args.image, args.output)
         print(f"wrote {out} (onnxruntime, {model.providers[0]})")
         return 0
-    from ..api import load_run
+    from ...inference.run import load_run
     out = load_run(args.run, device=args.device or "cpu").segment_file(args.image, args.output)
     print(f"wrote {out}")
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from . import augment
+from ..data import augment
 
 STAGES = ("seg", "reg", "semi-da", "da", "all")
 
@@ -55,7 +55,7 @@ DEFAULTS = {
         # probability) ** anatomy_confidence; 0 = all voxels alike
         "anatomy_confidence": 0.0,
     },
-    "augment": dict(augment.DEFAULTS),  # on-the-fly augmentation of F_S's training images (augment.py)
+    "augment": dict(augment.DEFAULTS),  # on-the-fly augmentation of F_S's training images (data/augment.py)
     "train": {
         "steps": {"seg": 1000, "reg": 1000, "semi-da": 1000, "da": 2000},
         "batch_size": 1,         # per process

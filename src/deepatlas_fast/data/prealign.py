@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ops import soft_dice, warp
+from ..ops import soft_dice, warp
 
 SIMILARITIES = ("lncc", "mse")
 INITS = ("moments", "center", "identity", "header")
@@ -151,7 +151,7 @@ def _pool(x: torch.Tensor, s: int) -> torch.Tensor:
 def _similarity(a, b, kind: str, window: int) -> torch.Tensor:
     if kind == "mse":
         return (a - b).pow(2).mean()
-    from .losses import lncc_loss
+    from ..nn.losses import lncc_loss
     return lncc_loss(a, b, window=window)
 
 

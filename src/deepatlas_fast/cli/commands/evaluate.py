@@ -19,8 +19,8 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    from ..evaluate import evaluate
-    from ..io import LabelTable
+    from ...inference.evaluation import evaluate
+    from ...data.io import LabelTable
     structures = None
     if args.structures:
         if Path(args.structures).is_file():

@@ -1,7 +1,7 @@
 """deepatlas-fast train --data LIST.json --out RUN_DIR [--stage all|seg|reg|semi-da|da] [--config FILE] [--resume]"""
 from __future__ import annotations
 
-from ..config import STAGES
+from ...training.config import STAGES
 
 
 def add_arguments(p):
@@ -9,7 +9,7 @@ def add_arguments(p):
                                   "optional with --resume")
     p.add_argument("--out", required=True, help="run directory (created)")
     p.add_argument("--stage", default="all", choices=STAGES, help="all = seg -> reg -> da (default: all)")
-    p.add_argument("--config", help="YAML or JSON config file (defaults: deepatlas_fast/config.py)")
+    p.add_argument("--config", help="YAML or JSON config file (defaults: deepatlas_fast/training/config.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 --set train.steps.da=500 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -19,7 +19,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..train import train
+    from ...training.trainer import train
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
     out = train(args.config, args.data, args.out, stage=args.stage, resume=args.resume, init=args.init,
                 overrides=overrides, progress=not args.no_progress)

@@ -1,6 +1,6 @@
 """Python API: load a trained run, segment and register arrays or NIfTI files.
 
-    from deepatlas_fast.api import load_run
+    from deepatlas_fast.inference.run import load_run
     run = load_run("runs/brain")                      # latest checkpoint of the run
     run.segment_file("sub.nii.gz", "sub_seg.nii.gz")  # original label values, input affine
     out = run.register_file("mov.nii.gz", "tgt.nii.gz", "warped.nii.gz",
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import load_header, load_nifti, save_nifti
-from .nets import build_nets
-from .ops import warp
-from .preprocess import Preprocessing, resample
+from ..data.io import load_header, load_nifti, save_nifti
+from ..nn.nets import build_nets
+from ..ops import warp
+from ..data.preprocess import Preprocessing, resample
 
 
 class Run:
@@ -122,7 +122,7 @@ class Run:
 
 def load_run(run_dir, *, device="cpu", checkpoint=None) -> Run:
     """Latest checkpoint of ``run_dir`` (or the given checkpoint file) -> Run."""
-    from .train import latest_checkpoint, load_checkpoint
+    from ..training.trainer import latest_checkpoint, load_checkpoint
     if checkpoint is not None:
         ckpt, src = load_checkpoint(checkpoint), str(checkpoint)
     else:

@@ -21,11 +21,11 @@ def run(args) -> int:
     if (args.labels is None) != (args.labels_out is None):
         raise ValueError("--labels and --labels-out go together")
     if args.onnx is not None:
-        from ..deploy import load_onnx
+        from ...deploy.runtime import load_onnx
         model = load_onnx(args.onnx, device=args.device)
         where = f" (onnxruntime, {model.providers[0]})"
     else:
-        from ..api import load_run
+        from ...inference.run import load_run
         model, where = load_run(args.run, device=args.device or "cpu"), ""
     model.register_file(args.moving, args.target, args.output, labels=args.labels,
                         labels_out=args.labels_out, disp_out=args.disp_out)

@@ -1,7 +1,7 @@
 """The one-shot DeepAtlas experiment on the shipped brain set: trained, controlled, evaluated, offline.
 
     deepatlas-fast demo [--quick | --long] [--out DIR] [--split test|validation]
-    from deepatlas_fast.demo import run_demo; results = run_demo("demo_out", preset="quick")
+    from deepatlas_fast.cli.demo import run_demo; results = run_demo("demo_out", preset="quick")
 
 Data (``demo_data``, see its CREDITS.md): one labelled training image (the real brain
 ``oasis_a``, the atlas), 15 unlabelled training images, 2 labelled validation images and 5
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .demo_data import datalist_path
+from ..data.demo_data import datalist_path
 
 # Settings were chosen on the validation split (docs/experiment.md); none on the test split.
 # Training runs at 4 mm (the 2 mm set pooled by 2), evaluation on the 2 mm grid. Batch 2: at this
@@ -168,9 +168,9 @@ def run_demo(out_dir="deepatlas_demo", *, preset: str = "full", split: str = "te
     preset: "quick" (a ~2 minute pipeline check), "full" or "long" (three seeds).
     split: "test", or "validation" (how the presets' settings were chosen).
     seeds: override the preset's seeds (a list of ints)."""
-    from .evaluate import evaluate
-    from .train import stage_schedule, train
-    from .config import load_config
+    from ..inference.evaluation import evaluate
+    from ..training.trainer import stage_schedule, train
+    from ..training.config import load_config
     if quick or long:  # the command-line flags
         if quick and long:
             raise ValueError("run_demo: quick and long are exclusive")
@@ -261,10 +261,10 @@ def _seed_results(seed, runs, evals) -> dict:
 def _one_mm_check(run_dir, eval_dir) -> dict | None:
     """DA's F_S on the real oasis_b at 1 mm (another grid than training: the input is resampled
     for the net and the probabilities back), against the same image's 2 mm Dice."""
-    from .api import load_run
-    from .evaluate import dice_per_class
-    from .demo_data import ROOT
-    from .io import load_header, load_nifti
+    from ..inference.run import load_run
+    from ..inference.evaluation import dice_per_class
+    from ..data.demo_data import ROOT
+    from ..data.io import load_header, load_nifti
     img_p, lab_p = ROOT / "extra" / "oasis_b_1mm.nii.gz", ROOT / "extra" / "oasis_b_1mm_seg.nii.gz"
     if not img_p.is_file():
         return None

@@ -1,15 +1,15 @@
 """Run exported models (``deepatlas-fast export``) with ONNX Runtime.
 
-    from deepatlas_fast.deploy import load_onnx
+    from deepatlas_fast.deploy.runtime import load_onnx
     model = load_onnx("runs/brain/onnx")              # seg.onnx + reg.onnx of one export
     print(model.providers)                            # e.g. ['CPUExecutionProvider']
     model.segment_file("sub.nii.gz", "sub_seg.nii.gz")
     model.register_file("mov.nii.gz", "tgt.nii.gz", "warped.nii.gz", labels="mov_seg.nii.gz",
                         labels_out="warped_seg.nii.gz", disp_out="disp.nii.gz")
 
-``OnnxRun`` is an ``api.Run`` whose two networks are ONNX Runtime sessions: segment, register and
+``OnnxRun`` is an ``inference.run.Run`` whose two networks are ONNX Runtime sessions: segment, register and
 the ``*_file`` methods are the PyTorch path's own code, so pre- and post-processing are the same
-by construction (``preprocess.Preprocessing``, rebuilt from the models' metadata): percentile
+by construction (``data.preprocess.Preprocessing``, rebuilt from the models' metadata): percentile
 normalisation, downsampling and padding before the nets; upsampling of logits / displacement,
 label values and the input affine after. The resampling of the original-resolution moving image
 and labels by the upsampled displacement uses the package's warp op, as in the PyTorch path
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .api import Run
+from .. import __version__
+from ..inference.run import Run
 from .export import FORMAT, META
-from .preprocess import Preprocessing
+from ..data.preprocess import Preprocessing
 
 # inputs and outputs each model must have (name -> channels, None = any)
 _SIGNATURES = {
@@ -45,7 +45,7 @@ def _ort():
     try:
         import onnxruntime
     except ImportError as e:
-        raise ImportError("deepatlas_fast.deploy needs ONNX Runtime: pip install 'deepatlas_fast[onnx]' "
+        raise ImportError("deepatlas_fast.deploy.runtime needs ONNX Runtime: pip install 'deepatlas_fast[onnx]' "
                           "(CPU) or 'deepatlas_fast[onnx-gpu]' (CUDA; the two are exclusive)") from e
     return onnxruntime
 

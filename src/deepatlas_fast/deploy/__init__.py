@@ -1,0 +1,1 @@
+"""ONNX: export of a run's nets (export) and their use with ONNX Runtime (runtime)."""

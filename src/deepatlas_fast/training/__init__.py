@@ -1,0 +1,1 @@
+"""Training of DeepAtlas: config, the trainer and its run directory."""
