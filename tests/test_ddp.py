@@ -12,7 +12,8 @@ import torch
 
 from _installed import PKG_ROOT
 from _synth import tiny_overrides, write_dataset
-from deepatlas_fast.training.trainer import list_checkpoints, train
+from deepatlas_fast.training.checkpoint import list_checkpoints
+from deepatlas_fast.training.trainer import train
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):

@@ -14,7 +14,8 @@ from _installed import PKG_ROOT
 from _synth import tiny_overrides, tiny_run, write_dataset
 from deepatlas_fast.training.config import load_config
 from deepatlas_fast.data.datasets import VolumeDataset, read_data
-from deepatlas_fast.training.trainer import Trainer, build_preprocessing, list_checkpoints, train
+from deepatlas_fast.training.checkpoint import list_checkpoints
+from deepatlas_fast.training.trainer import Trainer, build_preprocessing, train
 
 
 def _load(p):

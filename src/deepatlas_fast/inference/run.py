@@ -23,6 +23,7 @@ from ..data.io import load_header, load_nifti, save_nifti
 from ..nn.nets import build_nets
 from ..ops import warp
 from ..data.preprocess import Preprocessing, resample
+from ..training.checkpoint import latest_checkpoint, load_checkpoint
 
 
 class Run:
@@ -122,7 +123,6 @@ class Run:
 
 def load_run(run_dir, *, device="cpu", checkpoint=None) -> Run:
     """Latest checkpoint of ``run_dir`` (or the given checkpoint file) -> Run."""
-    from ..training.trainer import latest_checkpoint, load_checkpoint
     if checkpoint is not None:
         ckpt, src = load_checkpoint(checkpoint), str(checkpoint)
     else:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -57,6 +56,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import __version__
+from .checkpoint import (CKPT_FORMAT, atomic_write_text, latest_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import STAGES, load_config, merge, save_config, validate
 from ..data.datasets import PairSampler, VolumeDataset, check_grids, infer_label_table, read_data
 from ..data.io import LabelTable
@@ -66,64 +67,7 @@ from ..nn.nets import build_nets
 from ..ops import warp
 from ..data.preprocess import Preprocessing
 
-CKPT_FORMAT = 1
 PLANS = {"all": ["seg", "reg", "da"], "seg": ["seg"], "reg": ["reg"], "semi-da": ["semi-da"], "da": ["da"]}
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: a reader (or a crash)
-    never sees a partial file under the final name."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def list_checkpoints(run_dir) -> list:
-    """Completed checkpoints of a run, oldest first (temp files of an interrupted write are ignored)."""
-    d = Path(run_dir) / "checkpoints"
-    return sorted(d.glob("ckpt-*.pt")) if d.is_dir() else []
-
-
-def load_checkpoint(path) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path}: not a deepatlas_fast checkpoint (format {CKPT_FORMAT})")
-    return ckpt
-
-
-def latest_checkpoint(run_dir):
-    """(path, checkpoint) of the newest readable checkpoint, or (None, None)."""
-    for p in reversed(list_checkpoints(run_dir)):
-        try:
-            return p, load_checkpoint(p)
-        except Exception as e:  # a damaged file must not block resuming from an older one
-            print(f"warning: skipping unreadable checkpoint {p}: {e}", file=sys.stderr)
-    return None, None
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,15 +372,9 @@ class Trainer:
                 "reg": self.nets["reg"].state_dict(), "seg": self.nets["seg"].state_dict(),
                 "optim": {k: o.state_dict() for k, o in opts.items()},
                 "sched": {k: s.state_dict() for k, s in scheds.items()},
-                "rng": _rng_state(), "config": json.dumps(self.cfg),
+                "rng": rng_state(), "config": json.dumps(self.cfg),
                 "preprocessing": json.dumps(self.prep.to_dict())}
-        d = self.run_dir / "checkpoints"
-        d.mkdir(exist_ok=True)
-        atomic_save(ckpt, d / f"ckpt-{offset + step:08d}.pt")
-        keep = self.cfg["train"]["checkpoint_keep"]
-        if keep > 0:
-            for old in list_checkpoints(self.run_dir)[:-keep]:
-                old.unlink(missing_ok=True)
+        save_checkpoint(self.run_dir, ckpt, keep=self.cfg["train"]["checkpoint_keep"])
         # plotting costs ~1 s: at the end of a stage, else at most once a minute
         if stage in self.completed or time.time() - self._last_plot > 60:
             self._last_plot = time.time()
@@ -455,7 +393,7 @@ class Trainer:
         start, state = 0, None
         if resume_ckpt is not None:
             self.completed = list(resume_ckpt["completed"])
-            _set_rng_state(resume_ckpt["rng"])
+            set_rng_state(resume_ckpt["rng"])
             if resume_ckpt["stage"] not in self.completed:
                 start, state = resume_ckpt["stage_step"], resume_ckpt
         for s in plan:
