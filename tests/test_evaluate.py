@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from _synth import tiny_run
-from deepatlas_fast.inference.evaluation import dice_per_class, evaluate, folding_fraction, jacobian_determinant
+from deepatlas_fast.inference.evaluation import evaluate
+from deepatlas_fast.training.metrics import dice_per_class, folding_fraction, jacobian_determinant
 from deepatlas_fast.data.io import load_nifti
 
 DATA = Path(__file__).parent / "data"

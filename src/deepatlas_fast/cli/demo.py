@@ -262,7 +262,7 @@ def _one_mm_check(run_dir, eval_dir) -> dict | None:
     """DA's F_S on the real oasis_b at 1 mm (another grid than training: the input is resampled
     for the net and the probabilities back), against the same image's 2 mm Dice."""
     from ..inference.run import load_run
-    from ..inference.evaluation import dice_per_class
+    from ..training.metrics import dice_per_class
     from ..data.demo_data import ROOT
     from ..data.io import load_header, load_nifti
     img_p, lab_p = ROOT / "extra" / "oasis_b_1mm.nii.gz", ROOT / "extra" / "oasis_b_1mm_seg.nii.gz"

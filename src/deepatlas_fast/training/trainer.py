@@ -59,6 +59,7 @@ from .. import __version__
 from .checkpoint import (CKPT_FORMAT, atomic_write_text, latest_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import STAGES, load_config, merge, save_config, validate
+from .metrics import dice_per_class
 from ..data.datasets import PairSampler, VolumeDataset, check_grids, infer_label_table, read_data
 from ..data.io import LabelTable
 from ..data.augment import Augmenter, lr_axis_of, match_class_intensities
@@ -278,7 +279,6 @@ class Trainer:
     # -- validation (rank 0, network grid)
     @torch.no_grad()
     def validate(self):
-        from ..inference.evaluation import dice_per_class
         ds = self.val_ds
         if ds is None or sum(ds.labelled) == 0:
             return {}
