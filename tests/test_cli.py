@@ -1,5 +1,4 @@
 """CLI: parser, train/segment/register/evaluate from the command line, NIfTI outputs, errors."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,15 +7,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from _installed import PKG_ROOT
 from _synth import LABEL_VALUES, tiny_overrides, tiny_run, write_dataset
 from deepatlas_fast.cli import COMMANDS, main
 from deepatlas_fast.data.io import load_header, load_nifti, save_nifti
 
 
 def test_help_lists_every_command(tmp_path):
-    env = dict(os.environ, PYTHONPATH=PKG_ROOT)
-    out = subprocess.run([sys.executable, "-m", "deepatlas_fast.cli", "--help"], env=env, capture_output=True, cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "deepatlas_fast.cli", "--help"], capture_output=True, cwd=tmp_path,
                          text=True, check=True).stdout
     for name in COMMANDS:
         assert name in out

@@ -10,7 +10,6 @@ import sys
 
 import torch
 
-from _installed import PKG_ROOT
 from _synth import tiny_overrides, write_dataset
 from deepatlas_fast.training.checkpoint import list_checkpoints
 from deepatlas_fast.training.trainer import train
@@ -22,7 +21,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
            "-m", "deepatlas_fast.cli", "train", "--data", str(dl), "--out", str(tmp_path / "ddp"), "--no-progress"]
     cmd += [a for s in common + ["train.batch_size=1"] for a in ("--set", s)]
-    env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     train(None, dl, tmp_path / "single", overrides=common + ["train.batch_size=2"], progress=False)

@@ -1,6 +1,5 @@
 """Training: run directory, stages and loss terms, exact resume, SIGKILL safety, config."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -10,7 +9,6 @@ import time
 import pytest
 import torch
 
-from _installed import PKG_ROOT
 from _synth import tiny_overrides, tiny_run, write_dataset
 from deepatlas_fast.training.config import load_config
 from deepatlas_fast.data.datasets import VolumeDataset, read_data
@@ -87,8 +85,7 @@ def test_sigkill_loses_no_completed_checkpoint(tmp_path):
     sets = tiny_overrides(reg=500) + ["train.checkpoint_every=1", "train.checkpoint_keep=0"]
     cmd = [sys.executable, "-m", "deepatlas_fast.cli", "train", "--data", str(dl), "--out", str(run),
            "--stage", "reg", "--no-progress"] + [a for s in sets for a in ("--set", s)]
-    env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     try:
         deadline = time.time() + 120
         while len(list_checkpoints(run)) < 4:
