@@ -1,6 +1,6 @@
 """Export a trained run to ONNX: ``seg.onnx`` and ``reg.onnx`` in standard ONNX ops only.
 
-    from deepatlas_fast.deploy.export import export_run
+    from deepatlas_fast.deploy import export_run
     export_run("runs/brain", "runs/brain/onnx")            # warp as GridSample (opset 20)
     export_run("runs/brain", "onnx_gather", warp="gather")  # warp as Gather-based trilinear sampling
 

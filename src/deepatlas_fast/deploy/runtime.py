@@ -1,6 +1,6 @@
 """Run exported models (``deepatlas-fast export``) with ONNX Runtime.
 
-    from deepatlas_fast.deploy.runtime import load_onnx
+    from deepatlas_fast.deploy import load_onnx
     model = load_onnx("runs/brain/onnx")              # seg.onnx + reg.onnx of one export
     print(model.providers)                            # e.g. ['CPUExecutionProvider']
     model.segment_file("sub.nii.gz", "sub_seg.nii.gz")

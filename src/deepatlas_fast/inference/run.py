@@ -1,6 +1,6 @@
 """Python API: load a trained run, segment and register arrays or NIfTI files.
 
-    from deepatlas_fast.inference.run import load_run
+    from deepatlas_fast.inference import load_run
     run = load_run("runs/brain")                      # latest checkpoint of the run
     run.segment_file("sub.nii.gz", "sub_seg.nii.gz")  # original label values, input affine
     out = run.register_file("mov.nii.gz", "tgt.nii.gz", "warped.nii.gz",

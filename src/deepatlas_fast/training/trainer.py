@@ -2,7 +2,7 @@
 
 Python::
 
-    from deepatlas_fast.training.trainer import train
+    from deepatlas_fast.training import train
     run_dir = train("config.yaml", "datalist.json", "runs/brain", stage="all",
                     overrides=["train.steps.da=500", "data.downsample=2"])
 
