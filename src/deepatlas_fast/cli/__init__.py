@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from .. import __version__
+from ..errors import DeepAtlasWarning
 
 # name -> one-line help; order is the order shown by --help
 COMMANDS = {
@@ -42,15 +44,27 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(prog: str):
+    """A warnings.showwarning that prints ``PROG: warning: message`` on one line (the category
+    too, for warnings that are not the package's own)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        kind = "" if issubclass(category, DeepAtlasWarning) else f"{category.__name__}: "
+        text = " ".join(str(message).split())
+        print(f"{prog}: warning: {kind}{text}", file=sys.stderr if file is None else file)
+    return show
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    try:
-        return int(_module(args.command).run(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
-        # user errors (bad paths, data, config, a missing optional extra such as onnxruntime):
-        # one clear line, no traceback
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"deepatlas-fast {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(f"deepatlas-fast {args.command}")
+        try:
+            return int(_module(args.command).run(args) or 0)
+        except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
+            # user errors (bad paths, data, config, a missing optional extra such as onnxruntime):
+            # one clear line, no traceback
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"deepatlas-fast {args.command}: error: {msg}", file=sys.stderr)
+            return 2
 

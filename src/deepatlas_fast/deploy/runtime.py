@@ -22,13 +22,14 @@ CUDA/cuDNN libraries), so ``model.providers`` reports what the sessions actually
 from __future__ import annotations
 
 import json
-import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import __version__
+from ..errors import DeepAtlasWarning
 from ..inference.run import Run
 from .export import FORMAT, META
 from ..data.preprocess import Preprocessing
@@ -153,7 +154,7 @@ class OnnxRun(Run):
         self.source = str(onnx_dir)
         self.stage = self.step = self.completed = None
         if providers[0] != "CPUExecutionProvider" and self.providers[0] == "CPUExecutionProvider":
-            print(f"warning: onnxruntime fell back to CPU (asked for {providers})", file=sys.stderr)
+            warnings.warn(f"onnxruntime fell back to CPU (asked for {providers})", DeepAtlasWarning, stacklevel=3)
 
     @property
     def providers(self) -> list:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..errors import DeepAtlasWarning
 from ..data.io import load_header, load_nifti, save_nifti
 from ..nn.nets import build_nets
 from ..ops import warp
@@ -48,8 +50,9 @@ class Run:
     def _check_spacing(self, spacing, name):
         ref = self.prep.spacing
         if ref is not None and spacing is not None and not np.allclose(spacing, ref, rtol=0.05):
-            print(f"warning: {name} has voxel size {tuple(round(s, 3) for s in spacing)} mm but the run was "
-                  f"trained at {tuple(ref)} mm; resample it for reliable results", file=sys.stderr)
+            warnings.warn(f"{name} has voxel size {tuple(round(s, 3) for s in spacing)} mm but the run was "
+                          f"trained at {tuple(ref)} mm; resample it for reliable results", DeepAtlasWarning,
+                          stacklevel=3)
 
     @torch.no_grad()
     def segment(self, image: np.ndarray, spacing=None) -> np.ndarray:

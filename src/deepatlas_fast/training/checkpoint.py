@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import random
-import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..errors import DeepAtlasWarning
 
 CKPT_FORMAT = 1
 
@@ -69,7 +71,7 @@ def latest_checkpoint(run_dir):
         try:
             return p, load_checkpoint(p)
         except Exception as e:  # a damaged file must not block resuming from an older one
-            print(f"warning: skipping unreadable checkpoint {p}: {e}", file=sys.stderr)
+            warnings.warn(f"skipping unreadable checkpoint {p}: {e}", DeepAtlasWarning, stacklevel=2)
     return None, None
 
 

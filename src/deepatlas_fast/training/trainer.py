@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import __version__
+from ..errors import DeepAtlasWarning
 from .checkpoint import (CKPT_FORMAT, atomic_write_text, latest_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import STAGES, load_config, merge, save_config, validate
@@ -382,7 +383,7 @@ class Trainer:
                 from .figures import plot_curves
                 plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
             except Exception as e:  # a plotting problem must not stop training
-                print(f"warning: could not plot training curves: {e}", file=sys.stderr)
+                warnings.warn(f"could not plot training curves: {e}", DeepAtlasWarning, stacklevel=2)
 
     def fit(self, plan, resume_ckpt=None):
         self.plan = list(plan)
