@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from .. import __version__
-from ..errors import DeepAtlasWarning
+from ..errors import DeepAtlasError, DeepAtlasWarning
 
 # name -> one-line help; order is the order shown by --help
 COMMANDS = {
@@ -61,10 +61,10 @@ def main(argv=None) -> int:
         warnings.showwarning = _one_line_warnings(f"deepatlas-fast {args.command}")
         try:
             return int(_module(args.command).run(args) or 0)
-        except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
-            # user errors (bad paths, data, config, a missing optional extra such as onnxruntime):
-            # one clear line, no traceback
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            print(f"deepatlas-fast {args.command}: error: {msg}", file=sys.stderr)
+        except (DeepAtlasError, FileNotFoundError, FileExistsError, PermissionError) as e:
+            # the user's errors (config, data, models, options, a missing optional extra such as
+            # onnxruntime; paths that do not exist, already exist or cannot be written): one
+            # clear line. Any other exception is a bug and keeps its traceback.
+            print(f"deepatlas-fast {args.command}: error: {e}", file=sys.stderr)
             return 2
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..ops import warp
 
 # FreeSurfer aseg left/right pairs (left value, right value).
@@ -62,7 +63,7 @@ def lr_permutation(label_values, lr_pairs) -> list:
     index = {v: i for i, v in enumerate(values)}
     for pair in pairs:
         if len(pair) != 2:
-            raise ValueError(f"augment.lr_pairs: expected [left, right] pairs of label values, got {pair!r}")
+            raise ConfigError(f"augment.lr_pairs: expected [left, right] pairs of label values, got {pair!r}")
         left, right = (int(v) for v in pair)
         if left in index and right in index:
             perm[index[left]], perm[index[right]] = index[right], index[left]
@@ -73,14 +74,14 @@ def validate(cfg: dict) -> None:
     for k in ("rotate", "scale", "shear", "translate", "elastic", "gamma", "bias", "noise"):
         v = cfg[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"augment.{k} must be a finite number >= 0, got {v!r}")
+            raise ConfigError(f"augment.{k} must be a finite number >= 0, got {v!r}")
     for k in ("elastic_spacing", "bias_spacing"):
         if isinstance(cfg[k], bool) or not isinstance(cfg[k], (int, float)) or not cfg[k] > 0:
-            raise ValueError(f"augment.{k} must be a number > 0 (mm), got {cfg[k]!r}")
+            raise ConfigError(f"augment.{k} must be a number > 0 (mm), got {cfg[k]!r}")
     if not isinstance(cfg["flip"], (int, float)) or not 0 <= cfg["flip"] <= 1:
-        raise ValueError(f"augment.flip is a probability in [0, 1], got {cfg['flip']!r}")
+        raise ConfigError(f"augment.flip is a probability in [0, 1], got {cfg['flip']!r}")
     if cfg["lr_pairs"] not in (None, "freesurfer") and not isinstance(cfg["lr_pairs"], (list, tuple)):
-        raise ValueError(f"augment.lr_pairs must be 'freesurfer', a list of [left, right] pairs or null, "
+        raise ConfigError(f"augment.lr_pairs must be 'freesurfer', a list of [left, right] pairs or null, "
                          f"got {cfg['lr_pairs']!r}")
 
 

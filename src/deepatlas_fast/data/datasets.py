@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .io import LabelTable, is_nifti, load_header, load_nifti
 from ..ops import warp
 from .preprocess import Preprocessing
@@ -30,20 +31,20 @@ def read_datalist(path) -> dict:
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise DataError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(raw, dict) or not any(k in raw for k in SPLITS):
-        raise ValueError(f"{path}: a datalist is a JSON object with a 'training', 'validation' or 'test' list")
+        raise DataError(f"{path}: a datalist is a JSON object with a 'training', 'validation' or 'test' list")
     out = {}
     for split in SPLITS:
         items = raw.get(split, [])
         if not isinstance(items, list):
-            raise ValueError(f"{path}: '{split}' must be a list")
+            raise DataError(f"{path}: '{split}' must be a list")
         out[split] = []
         for i, item in enumerate(items):
             if isinstance(item, str):
                 item = {"image": item}
             if not isinstance(item, dict) or "image" not in item:
-                raise ValueError(f"{path}: {split}[{i}] must be an object with an 'image' path")
+                raise DataError(f"{path}: {split}[{i}] must be an object with an 'image' path")
             lab = item.get("label")
             out[split].append({"image": _resolve(path.parent, item["image"], path),
                                "label": None if lab in (None, "") else _resolve(path.parent, lab, path)})
@@ -64,7 +65,7 @@ def read_folder(path, labels_dir=None) -> dict:
     lab_dir = Path(labels_dir) if labels_dir else path / "labels"
     images = sorted(p for p in img_dir.iterdir() if p.is_file() and is_nifti(p))
     if not images:
-        raise ValueError(f"{img_dir}: no .nii or .nii.gz images found")
+        raise DataError(f"{img_dir}: no .nii or .nii.gz images found")
     items = [{"image": p, "label": (lab_dir / p.name) if (lab_dir / p.name).is_file() else None} for p in images]
     return {"training": items, "validation": [], "test": []}
 
@@ -85,7 +86,7 @@ def read_data(data) -> dict:
 def check_grids(entries, resample: bool = False):
     """Reference (shape, affine, spacing) of ``entries``; mismatched grids are an error unless ``resample``."""
     if not entries:
-        raise ValueError("no images in the dataset")
+        raise DataError("no images in the dataset")
     ref = load_header(entries[0]["image"])
     for e in entries:
         for key in ("image", "label"):
@@ -93,7 +94,7 @@ def check_grids(entries, resample: bool = False):
                 continue
             shape, affine, _ = load_header(e[key])
             if not _same_grid((shape, affine), ref) and not resample:
-                raise ValueError(
+                raise DataError(
                     f"{e[key]}: grid (shape {shape}, affine {np.round(affine, 3).tolist()}) differs from "
                     f"{entries[0]['image']} (shape {ref[0]}, affine {np.round(ref[1], 3).tolist()}); all images "
                     "and labels of a dataset must share one grid: resample them, or set data.resample=true")
@@ -123,7 +124,7 @@ def infer_label_table(entries) -> LabelTable:
         if e["label"] is not None:
             values |= set(np.unique(load_nifti(e["label"], label=True)[0]).tolist())
     if len(values - {0}) == 0:
-        raise ValueError("no labelled image in the training data (or labels are all 0): cannot build a label table; "
+        raise DataError("no labelled image in the training data (or labels are all 0): cannot build a label table; "
                          "declare data.labels or add labels")
     return LabelTable(values)
 
@@ -145,7 +146,7 @@ class VolumeDataset:
             for e in self.entries:
                 for key in ("image", "label"):
                     if e[key] is not None and not resample and not _same_grid(load_header(e[key])[:2], ref[:2]):
-                        raise ValueError(f"{e[key]}: grid differs from the training grid {ref[0]}; "
+                        raise DataError(f"{e[key]}: grid differs from the training grid {ref[0]}; "
                                          "resample it or set data.resample=true")
         self._cache = {}
         self.labelled = [e["label"] is not None for e in self.entries]
@@ -164,7 +165,7 @@ class VolumeDataset:
         if e["label"] is not None:
             lab, laff = load_nifti(e["label"], label=True)
             if lab.shape != img.shape and not self.resample:
-                raise ValueError(f"{e['label']}: shape {lab.shape} differs from its image {img.shape}")
+                raise DataError(f"{e['label']}: shape {lab.shape} differs from its image {img.shape}")
         if self.resample:
             ref_shape, ref_aff = self.ref[0], self.ref[1]
             if not _same_grid((img.shape, aff), (ref_shape, ref_aff)):
@@ -221,7 +222,7 @@ class PairSampler:
         """-> (kind, [(moving, target)] * n), drawn with ``gen`` (moving != target)."""
         kinds = self.kinds(allowed)
         if not kinds:
-            raise ValueError(f"no image pair of kinds {list(allowed)} with positive weight in data.pairs "
+            raise DataError(f"no image pair of kinds {list(allowed)} with positive weight in data.pairs "
                              f"({len(self.lab)} labelled, {len(self.unl)} unlabelled training images)")
         names = list(kinds)
         w = torch.tensor([kinds[k] for k in names], dtype=torch.float64)
@@ -237,5 +238,5 @@ class PairSampler:
 
     def sample_labelled(self, gen: torch.Generator, n: int):
         if not self.lab:
-            raise ValueError("segmentation training needs at least one labelled training image")
+            raise DataError("segmentation training needs at least one labelled training image")
         return [self.lab[int(torch.randint(len(self.lab), (1,), generator=gen))] for _ in range(n)]

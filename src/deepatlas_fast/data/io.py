@@ -10,6 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..errors import DataError
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -28,13 +30,13 @@ def _open(path):
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     if not is_nifti(path):
-        raise ValueError(f"{path}: expected a NIfTI file (.nii or .nii.gz)")
+        raise DataError(f"{path}: expected a NIfTI file (.nii or .nii.gz)")
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises several types for truncated/corrupt files
-        raise ValueError(f"{path}: cannot read NIfTI file ({e})") from e
+        raise DataError(f"{path}: cannot read NIfTI file ({e})") from e
     if len(img.shape) != 3 and not (len(img.shape) == 4 and img.shape[3] == 1):
-        raise ValueError(f"{path}: expected a 3D volume, got shape {img.shape}")
+        raise DataError(f"{path}: expected a 3D volume, got shape {img.shape}")
     return img
 
 
@@ -46,16 +48,16 @@ def load_nifti(path, *, label: bool = False):
     try:
         data = np.asarray(img.dataobj)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read NIfTI voxel data ({e})") from e
+        raise DataError(f"{path}: cannot read NIfTI voxel data ({e})") from e
     data = data.reshape(img.shape[:3])
     if label:
         if np.issubdtype(data.dtype, np.floating):
             if not np.isfinite(data).all() or (data != np.round(data)).any():
-                raise ValueError(f"{path}: label map has non-integer or non-finite values")
+                raise DataError(f"{path}: label map has non-integer or non-finite values")
         return data.astype(np.int64), img.affine.copy()
     data = data.astype(np.float32)
     if not np.isfinite(data).all():
-        raise ValueError(f"{path}: image contains NaN or inf values")
+        raise DataError(f"{path}: image contains NaN or inf values")
     return data, img.affine.copy()
 
 
@@ -63,7 +65,7 @@ def save_nifti(path, array, affine, *, dtype=None):
     """Write ``array`` (3D, or 4D with vectors last) with ``affine``; parent folders are created."""
     path = Path(path)
     if not is_nifti(path):
-        raise ValueError(f"{path}: output must end with .nii or .nii.gz")
+        raise DataError(f"{path}: output must end with .nii or .nii.gz")
     path.parent.mkdir(parents=True, exist_ok=True)
     array = np.asarray(array)
     if dtype is not None:
@@ -114,7 +116,7 @@ class LabelTable:
         bad = vals[idx] != labels
         if bad.any():
             unknown = np.unique(labels[bad])[:20].tolist()
-            raise ValueError(f"{name}: label values {unknown} are not in the label table {self.values}")
+            raise DataError(f"{name}: label values {unknown} are not in the label table {self.values}")
         return idx.astype(np.int64)
 
     def to_values(self, classes) -> np.ndarray:

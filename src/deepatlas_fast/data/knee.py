@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError, MissingDependencyError
+
 LABELS = {0: "background", 1: "femur", 2: "femoral cartilage", 3: "tibia", 4: "tibial cartilage"}
 SIDES = ("left", "right")
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mhd")
@@ -64,13 +66,13 @@ def _read_mhd(path: Path):
     try:
         import SimpleITK as sitk
     except ImportError:
-        raise ImportError(f"{path}: reading .mhd needs SimpleITK: pip install 'deepatlas_fast[knee]'") from None
+        raise MissingDependencyError(f"{path}: reading .mhd needs SimpleITK: pip install 'deepatlas_fast[knee]'") from None
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:
-        raise ValueError(f"{path}: cannot read MetaImage ({str(e).strip().splitlines()[-1]})") from None
+        raise DataError(f"{path}: cannot read MetaImage ({str(e).strip().splitlines()[-1]})") from None
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path}: expected a 3D scalar volume")
+        raise DataError(f"{path}: expected a 3D scalar volume")
     # ITK arrays are (k, j, i) in LPS; NIfTI order is (i, j, k) in RAS.
     data = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
     D = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())[None]
@@ -89,11 +91,11 @@ def read_volume(path, *, label: bool = False):
         data, affine = _read_mhd(path)
         if label:
             if np.issubdtype(data.dtype, np.floating) and (data != np.round(data)).any():
-                raise ValueError(f"{path}: label map has non-integer values")
+                raise DataError(f"{path}: label map has non-integer values")
             return data.astype(np.int64), affine
         data = data.astype(np.float32)
         if not np.isfinite(data).all():
-            raise ValueError(f"{path}: image contains NaN or inf values")
+            raise DataError(f"{path}: image contains NaN or inf values")
         return data, affine
     from .io import load_nifti
     return load_nifti(path, label=label)
@@ -117,7 +119,7 @@ def read_sides(path) -> dict:
             if not row or row[0].strip().lower() in ("id", "subject", "#"):
                 continue
             if len(row) < 2 or row[1].strip().lower() not in SIDES:
-                raise ValueError(f"{path}:{n}: expected 'id,left' or 'id,right', got {','.join(row)!r}")
+                raise DataError(f"{path}:{n}: expected 'id,left' or 'id,right', got {','.join(row)!r}")
             sides[row[0].strip()] = row[1].strip().lower()
     return sides
 
@@ -134,7 +136,7 @@ def find_subjects(root) -> list[KneeSubject]:
         for p in sorted((root / d).glob("*")) if (root / d).is_dir() else []:
             if p.name.endswith(_IMAGE_SUFFIXES):
                 if _stem(p) in labels:
-                    raise ValueError(f"{root}: two label files for subject {_stem(p)}: {labels[_stem(p)]}, {p}")
+                    raise DataError(f"{root}: two label files for subject {_stem(p)}: {labels[_stem(p)]}, {p}")
                 labels[_stem(p)] = p
     subjects = []
     for p in sorted(img_dir.glob("*")):
@@ -145,7 +147,7 @@ def find_subjects(root) -> list[KneeSubject]:
     if not subjects:
         raise FileNotFoundError(f"{img_dir}: no .nii, .nii.gz or .mhd images")
     if labels:
-        raise ValueError(f"{root}: label files without an image: {sorted(labels)[:5]}")
+        raise DataError(f"{root}: label files without an image: {sorted(labels)[:5]}")
     return subjects
 
 
@@ -156,20 +158,20 @@ def load_knee(image, label=None, *, side=None, flip_left: bool = True) -> KneeVo
     image = Path(image)
     side = side or _side_from_name(image.name)
     if side not in SIDES:
-        raise ValueError(f"{image}: knee side unknown; pass side='left'/'right' or list it in sides.csv")
+        raise DataError(f"{image}: knee side unknown; pass side='left'/'right' or list it in sides.csv")
     img, affine = read_volume(image)
     if img.ndim != 3:
-        raise ValueError(f"{image}: expected a 3D volume, got shape {img.shape}")
+        raise DataError(f"{image}: expected a 3D volume, got shape {img.shape}")
     if np.ptp(img) == 0:
-        raise ValueError(f"{image}: constant image")
+        raise DataError(f"{image}: constant image")
     lab = None
     if label is not None:
         lab, laff = read_volume(label, label=True)
         if lab.shape != img.shape or not np.allclose(laff, affine, atol=1e-3):
-            raise ValueError(f"{label}: label grid {lab.shape} does not match image {image} {img.shape}")
+            raise DataError(f"{label}: label grid {lab.shape} does not match image {image} {img.shape}")
         bad = sorted(set(np.unique(lab).tolist()) - set(LABELS))
         if bad:
-            raise ValueError(f"{label}: label values {bad[:10]} not in the OAI-ZIB table {LABELS}")
+            raise DataError(f"{label}: label values {bad[:10]} not in the OAI-ZIB table {LABELS}")
         lab = lab.astype(np.uint8)
     flipped = flip_left and side == "left"
     if flipped:
@@ -189,7 +191,7 @@ def prepare_knee_dataset(root, out_dir, *, flip_left: bool = True, n_test: int =
     subjects = find_subjects(root)
     unknown = [s.id for s in subjects if s.side is None]
     if unknown:
-        raise ValueError(f"{root}: knee side unknown for {unknown[:5]}; add them to sides.csv as 'id,left|right'")
+        raise DataError(f"{root}: knee side unknown for {unknown[:5]}; add them to sides.csv as 'id,left|right'")
     labelled = [s.id for s in subjects if s.label is not None]
     test_ids = set(labelled[len(labelled) - n_test:]) if n_test else set()
     datalist = {"name": "OAI-ZIB knees", "labels": {str(k): v for k, v in LABELS.items()},

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError, DeepAtlasError
 from ..ops import soft_dice, warp
 
 SIMILARITIES = ("lncc", "mse")
@@ -49,21 +50,21 @@ def _as_volume(x, name: str) -> torch.Tensor:
     if t.dim() == 5 and t.shape[:2] == (1, 1):
         t = t[0, 0]
     if t.dim() != 3:
-        raise ValueError(f"prealign: {name} must be a 3D volume (D, H, W), got shape {tuple(t.shape)}")
+        raise DataError(f"prealign: {name} must be a 3D volume (D, H, W), got shape {tuple(t.shape)}")
     if min(t.shape) < 2:
-        raise ValueError(f"prealign: {name} has a degenerate shape {tuple(t.shape)}")
+        raise DataError(f"prealign: {name} has a degenerate shape {tuple(t.shape)}")
     return t
 
 
 def _as_image(x, name: str) -> torch.Tensor:
     t = _as_volume(x, name).float()
     if not torch.isfinite(t).all():
-        raise ValueError(f"prealign: {name} contains NaN or inf")
+        raise DataError(f"prealign: {name} contains NaN or inf")
     lo, hi = t.min(), torch.quantile(t.flatten()[:: max(1, t.numel() // 1_000_000)], 0.99)
     if hi <= lo:
         hi = t.max()
     if hi <= lo:
-        raise ValueError(f"prealign: {name} is constant; nothing to register")
+        raise DataError(f"prealign: {name} is constant; nothing to register")
     # Percentile scaling keeps LNCC/MSE comparable across scanners and dtypes.
     return ((t - lo) / (hi - lo)).clamp(0, 1).contiguous()
 
@@ -72,11 +73,11 @@ def _as_labels(x, name: str, shape) -> torch.Tensor:
     t = _as_volume(x, name)
     if t.is_floating_point():
         if not torch.isfinite(t).all() or (t != t.round()).any():
-            raise ValueError(f"prealign: {name} must hold integer label values")
+            raise DataError(f"prealign: {name} must hold integer label values")
     elif t.dtype == torch.bool:
         t = t.to(torch.uint8)
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"prealign: {name} shape {tuple(t.shape)} does not match its image {tuple(shape)}")
+        raise DataError(f"prealign: {name} shape {tuple(t.shape)} does not match its image {tuple(shape)}")
     return t
 
 
@@ -84,7 +85,7 @@ def _moments(img: torch.Tensor):
     """Centroid and per-axis spread (voxels) of the foreground (above 10% of the [0, 1] range)."""
     w = (img > 0.1).double() * img.double()
     if w.sum() == 0:
-        raise ValueError("prealign: image has no foreground above 10% of its intensity range")
+        raise DataError("prealign: image has no foreground above 10% of its intensity range")
     grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in img.shape], indexing="ij")
     c = torch.stack([(g * w).sum() / w.sum() for g in grids])
     sd = torch.stack([(((g - ci) ** 2) * w).sum().div(w.sum()).sqrt() for g, ci in zip(grids, c)])
@@ -99,7 +100,7 @@ def initial_matrix(moving, reference, init: str = "moments") -> np.ndarray:
     if init == "identity":
         return M
     if init not in ("center", "moments"):
-        raise ValueError(f"prealign: init must be one of {INITS} or a 4x4 matrix, got {init!r}")
+        raise DeepAtlasError(f"prealign: init must be one of {INITS} or a 4x4 matrix, got {init!r}")
     cm, sm = _moments(m)
     cr, sr = _moments(r)
     S = (sm / sr).clamp(1 / 1.5, 1.5) if init == "moments" else torch.ones(3, dtype=torch.float64)
@@ -171,15 +172,15 @@ def prealign(moving, reference, *, moving_labels=None, reference_labels=None,
     steps per level. init: "moments" | "center" | "identity" | "header" (needs both affines) |
     a 4x4 reference-voxel -> moving-voxel matrix. Returns an :class:`AffineResult`."""
     if similarity not in SIMILARITIES:
-        raise ValueError(f"prealign: similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        raise DeepAtlasError(f"prealign: similarity must be one of {SIMILARITIES}, got {similarity!r}")
     levels, iterations = tuple(levels), tuple(iterations)
     if not levels or len(levels) != len(iterations):
-        raise ValueError(f"prealign: levels {levels} and iterations {iterations} must be non-empty and of equal length")
+        raise DeepAtlasError(f"prealign: levels {levels} and iterations {iterations} must be non-empty and of equal length")
     if any(int(s) != s or s < 1 for s in levels) or any(int(n) != n or n < 0 for n in iterations):
-        raise ValueError("prealign: levels must be positive integers and iterations non-negative integers")
+        raise DeepAtlasError("prealign: levels must be positive integers and iterations non-negative integers")
     mov, ref = _as_image(moving, "moving"), _as_image(reference, "reference")
     if any(n // max(levels) < 2 for n in (*mov.shape, *ref.shape)):
-        raise ValueError(f"prealign: volumes {tuple(mov.shape)}, {tuple(ref.shape)} too small for level {max(levels)}")
+        raise DataError(f"prealign: volumes {tuple(mov.shape)}, {tuple(ref.shape)} too small for level {max(levels)}")
     mlab = None if moving_labels is None else _as_labels(moving_labels, "moving_labels", mov.shape)
     rlab = None if reference_labels is None else _as_labels(reference_labels, "reference_labels", ref.shape)
 
@@ -189,20 +190,20 @@ def prealign(moving, reference, *, moving_labels=None, reference_labels=None,
         if label_values is None:
             label_values = sorted(set(mlab.unique().tolist()) & set(rlab.unique().tolist()) - {0})
         if not label_values:
-            raise ValueError("prealign: moving_labels and reference_labels share no nonzero label value")
+            raise DataError("prealign: moving_labels and reference_labels share no nonzero label value")
         mh = torch.stack([(mlab == v) for v in label_values]).float()[None]
         rh = torch.stack([(rlab == v) for v in label_values]).float()[None]
 
     if isinstance(init, str) and init == "header":
         if moving_affine is None or reference_affine is None:
-            raise ValueError("prealign: init='header' needs moving_affine and reference_affine")
+            raise DeepAtlasError("prealign: init='header' needs moving_affine and reference_affine")
         M0 = np.linalg.inv(np.asarray(moving_affine, float)) @ np.asarray(reference_affine, float)
     elif isinstance(init, str):
         M0 = initial_matrix(mov, ref, init)
     else:
         M0 = np.asarray(init, dtype=np.float64)
         if M0.shape != (4, 4) or not np.isfinite(M0).all():
-            raise ValueError(f"prealign: init matrix must be a finite 4x4 array, got shape {M0.shape}")
+            raise DeepAtlasError(f"prealign: init matrix must be a finite 4x4 array, got shape {M0.shape}")
 
     # Optimise a correction about the reference centre: M = M0 @ [(I + L)(x - c) + c + t].
     c = torch.tensor([(n - 1) / 2 for n in ref.shape], dtype=torch.float64)
@@ -261,18 +262,18 @@ def prealign_files(moving, reference, out, *, labels=None, labels_out=None, refe
     reference-world -> moving-world matrix (mm)."""
     from .io import label_dtype, load_nifti, save_nifti
     if labels is not None and labels_out is None:
-        raise ValueError("prealign: labels given without labels_out")
+        raise DeepAtlasError("prealign: labels given without labels_out")
     mov, a_mov = load_nifti(moving)
     ref, a_ref = load_nifti(reference)
     mlab = rlab = None
     if labels is not None:
         mlab, a_lab = load_nifti(labels, label=True)
         if mlab.shape != mov.shape or not np.allclose(a_lab, a_mov, atol=1e-3):
-            raise ValueError(f"prealign: labels {labels} are not on the moving image's grid")
+            raise DataError(f"prealign: labels {labels} are not on the moving image's grid")
     if reference_labels is not None:
         rlab, a_rl = load_nifti(reference_labels, label=True)
         if rlab.shape != ref.shape or not np.allclose(a_rl, a_ref, atol=1e-3):
-            raise ValueError(f"prealign: reference labels {reference_labels} are not on the reference grid")
+            raise DataError(f"prealign: reference labels {reference_labels} are not on the reference grid")
     res = prealign(mov, ref, moving_labels=mlab, reference_labels=rlab,
                    moving_affine=a_mov, reference_affine=a_ref, **kwargs)
     save_nifti(out, res.warped, a_ref, dtype=np.float32)

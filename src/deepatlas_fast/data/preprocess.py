@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError, DataError
 from .io import LabelTable
 
 
@@ -35,9 +36,9 @@ class Preprocessing:
         self.label_values = self.labels.values
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
-            raise ValueError(f"percentiles must satisfy 0 <= lo < hi <= 100, got {self.percentiles}")
+            raise ConfigError(f"percentiles must satisfy 0 <= lo < hi <= 100, got {self.percentiles}")
         if int(self.downsample) != self.downsample or self.downsample < 1:
-            raise ValueError(f"downsample must be a positive integer, got {self.downsample}")
+            raise ConfigError(f"downsample must be a positive integer, got {self.downsample}")
         self.downsample = int(self.downsample)
 
     @property
@@ -140,14 +141,14 @@ def normalise(array: np.ndarray, percentiles=(0.5, 99.5), *, name: str = "image"
     """Clip to the image's [lo, hi] percentiles and rescale to [0, 1] (float32)."""
     a = np.asarray(array, dtype=np.float32)
     if a.ndim != 3:
-        raise ValueError(f"{name}: expected a 3D array, got shape {a.shape}")
+        raise DataError(f"{name}: expected a 3D array, got shape {a.shape}")
     if not np.isfinite(a).all():
-        raise ValueError(f"{name}: image contains NaN or inf values")
+        raise DataError(f"{name}: image contains NaN or inf values")
     lo, hi = np.percentile(a, percentiles)
     if hi <= lo:
         lo, hi = float(a.min()), float(a.max())
         if hi <= lo:
-            raise ValueError(f"{name}: image is constant (all voxels = {lo}); cannot normalise")
+            raise DataError(f"{name}: image is constant (all voxels = {lo}); cannot normalise")
     return np.clip((a - lo) / (hi - lo), 0, 1).astype(np.float32)
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..errors import DeepAtlasError
 from .. import __version__
 
 FORMAT = "1"
@@ -182,7 +183,7 @@ def export_module(module: nn.Module, example: tuple, path, *, input_names, outpu
     from torch.export import Dim
 
     if warp not in WARP_IMPLS:
-        raise ValueError(f"warp must be one of {WARP_IMPLS}, got {warp!r}")
+        raise DeepAtlasError(f"warp must be one of {WARP_IMPLS}, got {warp!r}")
     batch = Dim("batch", min=1, max=4096)
     dims = _spatial_dims(multiple, batch)
     table = {torch.ops.deepatlas_fast.warp.default: _WARP_FUNCS[warp]}
@@ -215,7 +216,7 @@ def export_run(run_dir, out_dir, *, warp: str = "gridsample", checkpoint=None) -
     """Export the nets of a run (latest checkpoint, or ``checkpoint``) -> {"seg": path, "reg": path}."""
     from ..inference.run import load_run
     if warp not in WARP_IMPLS:
-        raise ValueError(f"--warp must be one of {WARP_IMPLS}, got {warp!r}")
+        raise DeepAtlasError(f"--warp must be one of {WARP_IMPLS}, got {warp!r}")
     run = load_run(run_dir, checkpoint=checkpoint)
     for net in (run.seg_net, run.reg_net):  # the exported graph has no memory formats
         net.use_channels_last(False)

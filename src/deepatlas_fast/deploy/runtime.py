@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import DeepAtlasWarning
+from ..errors import DataError, DeepAtlasError, DeepAtlasWarning, MissingDependencyError
 from ..inference.run import Run
 from .export import FORMAT, META
 from ..data.preprocess import Preprocessing
@@ -46,7 +46,7 @@ def _ort():
     try:
         import onnxruntime
     except ImportError as e:
-        raise ImportError("deepatlas_fast.deploy.runtime needs ONNX Runtime: pip install 'deepatlas_fast[onnx]' "
+        raise MissingDependencyError("deepatlas_fast.deploy.runtime needs ONNX Runtime: pip install 'deepatlas_fast[onnx]' "
                           "(CPU) or 'deepatlas_fast[onnx-gpu]' (CUDA; the two are exclusive)") from e
     return onnxruntime
 
@@ -62,11 +62,11 @@ def default_providers(device: str | None = None) -> list:
         return ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in available:
-            raise ValueError(f"device {device!r}: this onnxruntime has no CUDAExecutionProvider (available: "
+            raise DeepAtlasError(f"device {device!r}: this onnxruntime has no CUDAExecutionProvider (available: "
                              f"{available}); install 'deepatlas_fast[onnx-gpu]' instead of '[onnx]'")
         index = int(device.split(":")[1]) if ":" in device else 0
         return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    raise DeepAtlasError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 def read_metadata(model, path) -> dict:
@@ -75,10 +75,10 @@ def read_metadata(model, path) -> dict:
         {p.key: p.value for p in model.metadata_props}
     meta = {k[len(META):]: v for k, v in props.items() if k.startswith(META)}
     if "format" not in meta:
-        raise ValueError(f"{path}: not a deepatlas-fast model (no '{META}*' metadata); "
+        raise DataError(f"{path}: not a deepatlas-fast model (no '{META}*' metadata); "
                          "export one with `deepatlas-fast export --run RUN_DIR -o OUT_DIR`")
     if meta["format"] != FORMAT:
-        raise ValueError(f"{path}: model format {meta['format']!r}, this deepatlas_fast ({__version__}) reads "
+        raise DataError(f"{path}: model format {meta['format']!r}, this deepatlas_fast ({__version__}) reads "
                          f"format {FORMAT!r}; re-export the run")
     for k in _JSON_KEYS & set(meta):
         meta[k] = json.loads(meta[k])
@@ -109,20 +109,20 @@ def _session(path, kind, providers):
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # ORT raises its own types (InvalidProtobuf, Fail, ...) for bad files
-        raise ValueError(f"{path}: cannot load ONNX model ({str(e).strip().splitlines()[0][:300]})") from e
+        raise DataError(f"{path}: cannot load ONNX model ({str(e).strip().splitlines()[0][:300]})") from e
     meta = read_metadata(sess, path)
     if meta.get("model") != kind:
-        raise ValueError(f"{path}: this is a {meta.get('model')!r} model, expected {kind!r} "
+        raise DataError(f"{path}: this is a {meta.get('model')!r} model, expected {kind!r} "
                          f"(seg.onnx and reg.onnx swapped or renamed?)")
     want_in, want_out = _SIGNATURES[kind]
     for what, args, want in (("inputs", sess.get_inputs(), want_in), ("outputs", sess.get_outputs(), want_out)):
         got = {a.name: a for a in args}
         if set(got) != set(want):
-            raise ValueError(f"{path}: {what} {sorted(got)}, expected {sorted(want)}")
+            raise DataError(f"{path}: {what} {sorted(got)}, expected {sorted(want)}")
         for name, channels in want.items():
             shape = got[name].shape
             if len(shape) != 5 or (channels is not None and shape[1] != channels):
-                raise ValueError(f"{path}: {name} has shape {shape}, expected [batch, {channels or 'C'}, D, H, W]")
+                raise DataError(f"{path}: {name} has shape {shape}, expected [batch, {channels or 'C'}, D, H, W]")
     return sess, meta
 
 
@@ -138,12 +138,12 @@ class OnnxRun(Run):
         reg, reg_meta = _session(onnx_dir / "reg.onnx", "reg", providers)
         for key in ("preprocessing", "export_id"):
             if seg_meta.get(key) != reg_meta.get(key):
-                raise ValueError(f"{onnx_dir}: seg.onnx and reg.onnx come from different exports ({key} differs); "
+                raise DataError(f"{onnx_dir}: seg.onnx and reg.onnx come from different exports ({key} differs); "
                                  "export the run again into an empty directory")
         self.prep = Preprocessing.from_dict(seg_meta["preprocessing"])
         classes = seg.get_outputs()[0].shape[1]
         if isinstance(classes, int) and classes != self.prep.num_classes:
-            raise ValueError(f"{onnx_dir / 'seg.onnx'}: {classes} output classes but its label table has "
+            raise DataError(f"{onnx_dir / 'seg.onnx'}: {classes} output classes but its label table has "
                              f"{self.prep.num_classes} values {self.prep.label_values}")
         self.meta = seg_meta
         self.config = {"model": seg_meta.get("net")}

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError, DeepAtlasError
 from ..data.datasets import VolumeDataset, check_grids, read_data
 from ..data.io import LabelTable
 from ..training.metrics import dice_per_class, folding_fraction
@@ -64,25 +65,25 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
     from tqdm import tqdm
 
     if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 0:
-        raise ValueError(f"max_pairs must be an integer >= 0, got {max_pairs!r}")
+        raise DeepAtlasError(f"max_pairs must be an integer >= 0, got {max_pairs!r}")
     run_dir = None
     if not isinstance(run, Run):
         run_dir = Path(run)
         run = load_run(run_dir)
     if data is None:
         if run_dir is None or not (run_dir / "run.json").is_file():
-            raise ValueError("data is required")
+            raise DeepAtlasError("data is required")
         data = json.loads((run_dir / "run.json").read_text()).get("data")
         if data is None:
-            raise ValueError("the run did not record its data; pass --data")
+            raise DeepAtlasError("the run did not record its data; pass --data")
     splits = read_data(data)
     if split is None:
         split = next((s for s in ("test", "validation", "training") if splits[s]), None)
     if split not in splits or not splits[split]:
-        raise ValueError(f"split {split!r} of {data} is empty")
+        raise DataError(f"split {split!r} of {data} is empty")
     if out_dir is None:
         if run_dir is None:
-            raise ValueError("out_dir is required when evaluating a Run object")
+            raise DeepAtlasError("out_dir is required when evaluating a Run object")
         out_dir = run_dir / "eval" / split
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +92,7 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
     structures = [v for v in (structures if structures is not None else table.values) if v != 0]
     missing = [v for v in structures if v not in table.values]
     if missing:
-        raise ValueError(f"structures {missing} are not in the run's label table {table.values}")
+        raise DeepAtlasError(f"structures {missing} are not in the run's label table {table.values}")
     resample = run.config["data"]["resample"]
     entries = splits[split]
     ds = VolumeDataset(entries, run.prep, resample=resample, cache=False, ref=check_grids(entries, resample))
@@ -126,7 +127,7 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
         atlas_ds = VolumeDataset(read_data({"training": atlases})["training"], run.prep, resample=resample,
                                  cache=False, ref=ds.ref)
         if not all(atlas_ds.labelled):
-            raise ValueError("atlases: every atlas needs a label map")
+            raise DataError("atlases: every atlas needs a label map")
         for a, aname in enumerate(tqdm(atlas_ds.names(), desc="atlas", disable=not progress)):
             aimg, alab, _ = atlas_ds.load_original(a)
             for i in lab_idx:

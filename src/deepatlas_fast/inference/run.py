@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DeepAtlasWarning
+from ..errors import DataError, DeepAtlasError, DeepAtlasWarning
 from ..data.io import load_header, load_nifti, save_nifti
 from ..nn.nets import build_nets
 from ..ops import warp
@@ -74,7 +74,7 @@ class Run:
         """Warp ``moving`` onto ``target`` (same grid). Returns warped (moving's intensities),
         disp [3, D, H, W] (voxels, original grid) and warped_labels (original values) if labels given."""
         if moving.shape != target.shape:
-            raise ValueError(f"moving {moving.shape} and target {target.shape} must share one grid (pre-align them first)")
+            raise DataError(f"moving {moving.shape} and target {target.shape} must share one grid (pre-align them first)")
         m = self.prep.image(moving, name="moving").to(self.device)
         t = self.prep.image(target, name="target").to(self.device)
         disp = self.prep.disp_to_original(self.reg_net(m, t).cpu(), moving.shape)
@@ -82,7 +82,7 @@ class Run:
                "warped": warp(torch.from_numpy(np.asarray(moving, np.float32))[None, None], disp)[0, 0].numpy()}
         if moving_labels is not None:
             if moving_labels.shape != moving.shape:
-                raise ValueError(f"moving labels {moving_labels.shape} and moving image {moving.shape} differ in shape")
+                raise DataError(f"moving labels {moving_labels.shape} and moving image {moving.shape} differ in shape")
             cls = torch.from_numpy(self.labels.to_classes(np.asarray(moving_labels), name="moving labels"))
             wl = warp(cls[None, None].float(), disp, mode="nearest")[0, 0].round().long()
             out["warped_labels"] = self.labels.to_values(wl.numpy())
@@ -104,20 +104,20 @@ class Run:
         mov, maff = load_nifti(moving_path)
         tgt, taff = load_nifti(target_path)
         if mov.shape != tgt.shape or not np.allclose(maff, taff, atol=1e-3):
-            raise ValueError(f"{moving_path} and {target_path} must share one grid (shape and affine); "
+            raise DataError(f"{moving_path} and {target_path} must share one grid (shape and affine); "
                              "pre-align/resample the moving image onto the target first")
         self._check_spacing(load_header(target_path)[2], target_path)
         lab = None
         if labels is not None:
             lab, laff = load_nifti(labels, label=True)
             if lab.shape != mov.shape:
-                raise ValueError(f"{labels}: shape {lab.shape} differs from the moving image {mov.shape}")
+                raise DataError(f"{labels}: shape {lab.shape} differs from the moving image {mov.shape}")
         res = self.register(mov, tgt, lab)
         # the warped moving image lives on the target grid: write it with the target's affine
         save_nifti(out_path, res["warped"], taff, dtype=np.float32)
         if labels_out is not None:
             if lab is None:
-                raise ValueError("labels_out needs labels (the moving image's label map)")
+                raise DeepAtlasError("labels_out needs labels (the moving image's label map)")
             save_nifti(labels_out, res["warped_labels"], taff)
         if disp_out is not None:
             save_nifti(disp_out, np.moveaxis(res["disp"], 0, -1).astype(np.float32), taff)

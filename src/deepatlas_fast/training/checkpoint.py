@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DeepAtlasWarning
+from ..errors import DataError, DeepAtlasWarning
 
 CKPT_FORMAT = 1
 
@@ -61,7 +61,7 @@ def save_checkpoint(run_dir, ckpt: dict, *, keep: int = 0) -> Path:
 def load_checkpoint(path) -> dict:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path}: not a deepatlas_fast checkpoint (format {CKPT_FORMAT})")
+        raise DataError(f"{path}: not a deepatlas_fast checkpoint (format {CKPT_FORMAT})")
     return ckpt
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import ConfigError, ConfigKeyError
 from ..data import augment
 
 STAGES = ("seg", "reg", "semi-da", "da", "all")
@@ -86,9 +87,12 @@ def load_config(path=None, overrides=()) -> dict:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        try:
+            loaded = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not a valid YAML or JSON file ({e})") from e
         if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config must be a mapping, got {type(loaded).__name__}")
+            raise ConfigError(f"{path}: a config must be a mapping, got {type(loaded).__name__}")
         merge(cfg, loaded or {}, where=str(path))
     apply_overrides(cfg, overrides)
     validate(cfg)
@@ -98,7 +102,7 @@ def load_config(path=None, overrides=()) -> dict:
 def merge(cfg: dict, new: dict, where: str = "config", prefix: str = "") -> dict:
     for k, v in new.items():
         if k not in cfg:
-            raise KeyError(f"{where}: unknown config key {prefix + k!r}; known: {sorted(cfg)}")
+            raise ConfigKeyError(f"{where}: unknown config key {prefix + k!r}; known: {sorted(cfg)}")
         # dicts with free keys (pair proportions, steps per stage) are replaced key by key too
         if isinstance(cfg[k], dict) and isinstance(v, dict):
             merge(cfg[k], v, where, prefix + k + ".")
@@ -113,16 +117,19 @@ def _coerce(old, new, key):
         try:
             return float(new)
         except ValueError:
-            raise ValueError(f"config key {key!r}: expected a number, got {new!r}") from None
+            raise ConfigError(f"config key {key!r}: expected a number, got {new!r}") from None
     return new
 
 
 def apply_overrides(cfg: dict, overrides) -> dict:
     for item in overrides or ():
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, value = item.split("=", 1)
-        nested = yaml.safe_load(value) if value.strip() else None
+        try:
+            nested = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from e
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         merge(cfg, nested, where=f"override {item!r}")
@@ -132,37 +139,37 @@ def apply_overrides(cfg: dict, overrides) -> dict:
 def validate(cfg: dict) -> None:
     t, m, lo, d = cfg["train"], cfg["model"], cfg["loss"], cfg["data"]
     if lo["similarity"] not in ("lncc", "ncc"):
-        raise ValueError(f"loss.similarity must be 'lncc' or 'ncc', got {lo['similarity']!r}")
+        raise ConfigError(f"loss.similarity must be 'lncc' or 'ncc', got {lo['similarity']!r}")
     if m["seg_norm"] not in ("batch", "instance"):
-        raise ValueError(f"model.seg_norm must be 'batch' or 'instance', got {m['seg_norm']!r}")
+        raise ConfigError(f"model.seg_norm must be 'batch' or 'instance', got {m['seg_norm']!r}")
     if not isinstance(m["channels_last"], bool):
-        raise ValueError(f"model.channels_last must be true or false, got {m['channels_last']!r}")
+        raise ConfigError(f"model.channels_last must be true or false, got {m['channels_last']!r}")
     if t["lr_schedule"] not in ("constant", "cosine", "step"):
-        raise ValueError(f"train.lr_schedule must be constant, cosine or step, got {t['lr_schedule']!r}")
+        raise ConfigError(f"train.lr_schedule must be constant, cosine or step, got {t['lr_schedule']!r}")
     if t["semi_da_train"] not in ("seg", "reg"):
-        raise ValueError(f"train.semi_da_train must be 'seg' or 'reg', got {t['semi_da_train']!r}")
+        raise ConfigError(f"train.semi_da_train must be 'seg' or 'reg', got {t['semi_da_train']!r}")
     for s, n in t["steps"].items():
         if s not in STAGES[:-1] or not isinstance(n, int) or n < 0:
-            raise ValueError(f"train.steps.{s}: expected a stage in {STAGES[:-1]} with a step count >= 0, got {n!r}")
+            raise ConfigError(f"train.steps.{s}: expected a stage in {STAGES[:-1]} with a step count >= 0, got {n!r}")
     for k in ("batch_size", "k_reg", "checkpoint_every", "log_every"):
         if not isinstance(t[k], int) or t[k] < 1:
-            raise ValueError(f"train.{k} must be a positive integer, got {t[k]!r}")
+            raise ConfigError(f"train.{k} must be a positive integer, got {t[k]!r}")
     if not isinstance(t["k_seg"], int) or t["k_seg"] < 0:
-        raise ValueError(f"train.k_seg must be an integer >= 0, got {t['k_seg']!r}")
+        raise ConfigError(f"train.k_seg must be an integer >= 0, got {t['k_seg']!r}")
     for k in ("lambda_r", "lambda_a", "lambda_a_seg", "lambda_sp", "lambda_ce", "anatomy_confidence"):
         v = lo[k]
         if k == "lambda_a_seg" and v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
-            raise ValueError(f"loss.{k} must be a finite number >= 0, got {v!r}")
+            raise ConfigError(f"loss.{k} must be a finite number >= 0, got {v!r}")
     if lo["seg_anatomy"] not in ("unlabelled", "warped", "both"):
-        raise ValueError(f"loss.seg_anatomy must be 'unlabelled', 'warped' or 'both', got {lo['seg_anatomy']!r}")
+        raise ConfigError(f"loss.seg_anatomy must be 'unlabelled', 'warped' or 'both', got {lo['seg_anatomy']!r}")
     if not isinstance(lo["include_background"], bool):
-        raise ValueError(f"loss.include_background must be true or false, got {lo['include_background']!r}")
+        raise ConfigError(f"loss.include_background must be true or false, got {lo['include_background']!r}")
     augment.validate(cfg["augment"])
     bad = set(d["pairs"]) - {"LL", "LU", "UL", "UU"}
     if bad or any(float(v) < 0 for v in d["pairs"].values()) or not any(float(v) > 0 for v in d["pairs"].values()):
-        raise ValueError(f"data.pairs: keys LL/LU/UL/UU with weights >= 0, not all 0; got {d['pairs']}")
+        raise ConfigError(f"data.pairs: keys LL/LU/UL/UU with weights >= 0, not all 0; got {d['pairs']}")
 
 
 def save_config(cfg: dict, path) -> None:

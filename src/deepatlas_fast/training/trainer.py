@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import __version__
-from ..errors import DeepAtlasWarning
+from ..errors import DataError, DeepAtlasError, DeepAtlasWarning
 from .checkpoint import (CKPT_FORMAT, atomic_write_text, latest_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import STAGES, load_config, merge, save_config, validate
@@ -436,9 +436,9 @@ def train(config=None, data=None, out_dir=None, *, stage: str = "all", resume: b
     (optional with ``resume``: the run's own data is reused). init: a run directory whose latest
     weights initialise both nets (e.g. pretrained seg/reg runs before ``stage="da"``)."""
     if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        raise DeepAtlasError(f"stage must be one of {STAGES}, got {stage!r}")
     if out_dir is None:
-        raise ValueError("out_dir is required")
+        raise DeepAtlasError("out_dir is required")
     run_dir = Path(out_dir)
     rank, _ = _dist_info()
     ckpt_path, ckpt = latest_checkpoint(run_dir)
@@ -459,7 +459,7 @@ def train(config=None, data=None, out_dir=None, *, stage: str = "all", resume: b
         plan = ckpt["plan"]
         data = data if data is not None else run_info.get("data")
         if data is None:
-            raise ValueError("--resume: the run did not record its data; pass --data")
+            raise DeepAtlasError("--resume: the run did not record its data; pass --data")
     else:
         if ckpt is not None:
             raise FileExistsError(f"{run_dir} already holds a run ({ckpt_path.name}); use --resume or another --out")
@@ -469,11 +469,11 @@ def train(config=None, data=None, out_dir=None, *, stage: str = "all", resume: b
         plan = PLANS[stage]
         prep = None
     if data is None:
-        raise ValueError("data is required (a datalist JSON, a folder, or a dict)")
+        raise DeepAtlasError("data is required (a datalist JSON, a folder, or a dict)")
     splits = read_data(data)
     entries = splits["training"]
     if not entries:
-        raise ValueError(f"{data}: the 'training' split is empty")
+        raise DataError(f"{data}: the 'training' split is empty")
     ref = check_grids(entries, cfg["data"]["resample"])
     init_ckpt = None
     if init is not None and not resume:

@@ -1,15 +1,29 @@
 """deepatlas-fast demo [--quick | --long] [--out DIR]: the one-shot DeepAtlas experiment on the shipped brain set (offline)."""
 from __future__ import annotations
 
+from ...errors import DeepAtlasError
+
 
 def _seeds(text):
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--seeds: a comma-separated list of integers, got {text!r}") from None
+        raise DeepAtlasError(f"--seeds: a comma-separated list of integers, got {text!r}") from None
     if not seeds:
-        raise ValueError("--seeds: at least one seed")
+        raise DeepAtlasError("--seeds: at least one seed")
     return seeds
+
+
+def _checked_docs(paths, preset):
+    """``paths`` (--update-doc), each checked before the run to hold the block the summary table
+    replaces."""
+    from pathlib import Path
+    start, end = f"<!-- demo:{preset}:start -->", f"<!-- demo:{preset}:end -->"
+    for path in paths:
+        doc = Path(path).read_text()
+        if start not in doc or end not in doc[doc.find(start):]:
+            raise DeepAtlasError(f"--update-doc {path}: no block {start} ... {end} to replace")
+    return paths
 
 
 def add_arguments(p):
@@ -30,7 +44,7 @@ def run(args) -> int:
     preset = "quick" if args.quick else "long" if args.long else "full"
     from ..demo import summary_table
     res = run_demo(args.out, preset=preset, split=args.split, seeds=None if args.seeds is None else _seeds(args.seeds),
-                   update_docs=args.update_doc, progress=not args.no_progress)
+                   update_docs=_checked_docs(args.update_doc, preset), progress=not args.no_progress)
     print("\n" + summary_table(res))
     print(f"\nreport: {res['report']} ({res['total_seconds'] / 60:.1f} min)")
     return 0

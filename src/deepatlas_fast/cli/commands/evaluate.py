@@ -1,6 +1,8 @@
 """deepatlas-fast evaluate --data LIST.json --run RUN_DIR [--split test] [--out DIR]"""
 from __future__ import annotations
 
+from ...errors import DeepAtlasError
+
 
 def add_arguments(p):
     p.add_argument("--run", required=True, help="run directory (latest checkpoint is used)")
@@ -26,7 +28,11 @@ def run(args) -> int:
         if Path(args.structures).is_file():
             structures = [v for v in LabelTable.from_file(args.structures).values if v]
         else:
-            structures = [int(v) for v in args.structures.replace(",", " ").split()]
+            try:
+                structures = [int(v) for v in args.structures.replace(",", " ").split()]
+            except ValueError:
+                raise DeepAtlasError(f"--structures: a file or a comma-separated list of label values, "
+                                     f"got {args.structures!r}") from None
     s = evaluate(args.run, args.data, split=args.split, out_dir=args.out, structures=structures,
                  max_pairs=args.max_pairs, figures=not args.no_figures, progress=not args.no_progress)
     short = {k: (None if s[k] is None else {kk: vv for kk, vv in s[k].items() if kk != "per_structure"})

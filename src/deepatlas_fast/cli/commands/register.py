@@ -2,6 +2,8 @@
 [--disp-out D]"""
 from __future__ import annotations
 
+from ...errors import DeepAtlasError
+
 
 def add_arguments(p):
     src = p.add_mutually_exclusive_group(required=True)
@@ -19,7 +21,7 @@ def add_arguments(p):
 
 def run(args) -> int:
     if (args.labels is None) != (args.labels_out is None):
-        raise ValueError("--labels and --labels-out go together")
+        raise DeepAtlasError("--labels and --labels-out go together")
     if args.onnx is not None:
         from ...deploy.runtime import load_onnx
         model = load_onnx(args.onnx, device=args.device)
