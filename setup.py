@@ -83,6 +83,6 @@ os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
 setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    package_data={"deepatlas_fast": ["demo_data/*", "demo_data/**/*"]},
+    package_data={"deepatlas_fast.data.demo_data": ["*", "**/*"]},
     include_package_data=True,
 )

@@ -28,15 +28,15 @@ NUM_CLASSES = 28  # background + the demo's 27 structures
 
 
 def _nets():
-    from deepatlas_fast.config import DEFAULTS
-    from deepatlas_fast.nets import build_nets
+    from deepatlas_fast.training.config import DEFAULTS
+    from deepatlas_fast.nn.nets import build_nets
     torch.manual_seed(0)
     reg, seg = build_nets(DEFAULTS["model"], NUM_CLASSES)
     return reg.eval(), seg.eval()
 
 
 def _export(reg, seg, out: Path) -> dict:
-    from deepatlas_fast.export import RegGraph, SegGraph, export_module
+    from deepatlas_fast.deploy.export import RegGraph, SegGraph, export_module
     paths = {"seg": out / "seg.onnx", "reg_gridsample": out / "reg.onnx", "reg_gather": out / "reg_gather.onnx"}
     ex = lambda n: torch.rand(2, 1, *(2 * n.multiple,) * 3)  # noqa: E731
     export_module(SegGraph(seg), (ex(seg),), paths["seg"], input_names=["image"], output_names=["logits", "labels"],
@@ -57,7 +57,7 @@ def _session(path, threads):
 
 def cases(shape, reg, seg, paths, threads) -> dict:
     """{case name: fn} for one grid; fn() runs one inference."""
-    from deepatlas_fast.export import RegGraph, SegGraph
+    from deepatlas_fast.deploy.export import RegGraph, SegGraph
     g = torch.Generator().manual_seed(0)
     m, t = torch.rand(1, 1, *shape, generator=g), torch.rand(1, 1, *shape, generator=g)
     seg_g, reg_g = SegGraph(seg), RegGraph(reg)

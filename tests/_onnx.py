@@ -12,7 +12,7 @@ def exported_run(base, warp="gridsample"):
     """(datalist, run_dir, onnx_dir) for the session's tiny run (see _synth.tiny_run)."""
     key = (str(base), warp)
     if key not in _EXPORTS:
-        from deepatlas_fast.export import export_run
+        from deepatlas_fast.deploy.export import export_run
         dl, run = tiny_run(base)
         out = Path(base) / f"onnx_{warp}"
         export_run(run, out, warp=warp)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepatlas_fast.io import save_nifti
+from deepatlas_fast.data.io import save_nifti
 
 LABEL_VALUES = (0, 7, 42, 100)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -69,7 +69,7 @@ def tiny_run(base, stage="all", **steps):
     """A trained tiny run on a synthetic dataset under ``base`` (built once per test session)."""
     key = (str(base), stage, tuple(sorted(steps.items())))
     if key not in _RUNS:
-        from deepatlas_fast.train import train
+        from deepatlas_fast.training.trainer import train
         root = Path(base) / f"tiny_{stage}_{len(_RUNS)}"
         dl = write_dataset(root / "data")
         run = train(None, dl, root / "run", stage=stage, overrides=tiny_overrides(**steps), progress=False)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepatlas_fast.augment import DEFAULTS, FREESURFER_LR_PAIRS, Augmenter, lr_axis_of, lr_permutation
-from deepatlas_fast.config import load_config
+from deepatlas_fast.data.augment import DEFAULTS, FREESURFER_LR_PAIRS, Augmenter, lr_axis_of, lr_permutation
+from deepatlas_fast.training.config import load_config
 
 VALUES = [0, 2, 17, 41, 53, 16]  # background, L/R white matter, L/R hippocampus, brain stem (unpaired)
 OFF = dict(DEFAULTS, rotate=0.0, scale=0.0, shear=0.0, translate=0.0, elastic=0.0, gamma=0.0, bias=0.0, noise=0.0)

@@ -1,14 +1,12 @@
 """The benchmark runner's helpers that do not time anything (benchmarks/ is not installed:
-it is imported from the source tree, after the installed package). A module of the project
-that fails to import fails these tests; they import no optional package."""
+it is imported from the source tree). A module of the project that fails to import fails
+these tests; they import no optional package."""
 import importlib
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-import deepatlas_fast  # noqa: F401  (the installed package first, then the source tree's benchmarks)
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench_warp, common  # noqa: E402

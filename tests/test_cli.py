@@ -1,5 +1,4 @@
 """CLI: parser, train/segment/register/evaluate from the command line, NIfTI outputs, errors."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,15 +7,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from _installed import PKG_ROOT
 from _synth import LABEL_VALUES, tiny_overrides, tiny_run, write_dataset
 from deepatlas_fast.cli import COMMANDS, main
-from deepatlas_fast.io import load_header, load_nifti, save_nifti
+from deepatlas_fast.data.io import load_header, load_nifti, save_nifti
+from deepatlas_fast.errors import DeepAtlasWarning
 
 
 def test_help_lists_every_command(tmp_path):
-    env = dict(os.environ, PYTHONPATH=PKG_ROOT)
-    out = subprocess.run([sys.executable, "-m", "deepatlas_fast.cli", "--help"], env=env, capture_output=True, cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "deepatlas_fast.cli", "--help"], capture_output=True, cwd=tmp_path,
                          text=True, check=True).stdout
     for name in COMMANDS:
         assert name in out
@@ -75,6 +73,26 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
         main(["train", "--out", str(tmp_path / "r"), "--stage", "nope"])
 
 
+def test_warnings_are_one_line(tmp_path_factory, tmp_path, capsys):
+    """Images at twice the training voxel size: the API warns (DeepAtlasWarning), the CLI shows
+    it as one line."""
+    from deepatlas_fast.inference.run import load_run
+    dl, run = tiny_run(tmp_path_factory.getbasetemp())
+    data = Path(dl).parent
+    for name in ("img0", "img1"):
+        img, aff = load_nifti(data / f"{name}.nii.gz")
+        aff = aff.copy()
+        aff[:3, :3] *= 2
+        save_nifti(tmp_path / f"{name}.nii.gz", img, aff)
+    args = [str(tmp_path / "img0.nii.gz"), str(tmp_path / "img1.nii.gz"), str(tmp_path / "w.nii.gz")]
+    with pytest.warns(DeepAtlasWarning, match="voxel size"):
+        load_run(run).register_file(*args)
+    capsys.readouterr()
+    assert main(["register", "--run", str(run), *args[:2], "-o", args[2]]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(lines) == 1 and lines[0].startswith("deepatlas-fast register: warning: ") and "voxel size" in lines[0]
+
+
 def test_register_refuses_mismatched_grids(tmp_path_factory, tmp_path):
     dl, run = tiny_run(tmp_path_factory.getbasetemp())
     data = Path(dl).parent
@@ -88,7 +106,7 @@ def test_register_refuses_mismatched_grids(tmp_path_factory, tmp_path):
 def test_segment_resamples_an_image_of_another_voxel_size(tmp_path_factory, tmp_path, capsys):
     """An image at twice the training voxel size is segmented on the training grid (the net sees
     the resampled image) and labelled on its own grid, with its own affine."""
-    from deepatlas_fast.api import load_run
+    from deepatlas_fast.inference.run import load_run
     dl, run_dir = tiny_run(tmp_path_factory.getbasetemp())
     run = load_run(run_dir)
     img, aff = load_nifti(Path(dl).parent / "img0.nii.gz")

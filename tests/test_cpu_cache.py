@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-from _installed import PKG_ROOT
 from reference import warp_reference
 
 import deepatlas_fast as da
@@ -85,7 +84,7 @@ def test_reused_buffers_for_lncc_and_soft_dice_gradients():
 
 
 def _run(code, mib, cwd):
-    env = dict(os.environ, DEEPATLAS_FAST_CPU_CACHE_MB=mib, PYTHONPATH=PKG_ROOT)
+    env = dict(os.environ, DEEPATLAS_FAST_CPU_CACHE_MB=mib)
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 

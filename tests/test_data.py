@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from _synth import AFFINE, LABEL_VALUES, subject, write_dataset
-from deepatlas_fast.data import PairSampler, VolumeDataset, check_grids, read_data, read_folder, resample_to
-from deepatlas_fast.io import LabelTable, load_nifti, save_nifti
-from deepatlas_fast.preprocess import Preprocessing, normalise
+from deepatlas_fast.data.datasets import PairSampler, VolumeDataset, check_grids, read_data, read_folder, resample_to
+from deepatlas_fast.data.io import LabelTable, load_nifti, save_nifti
+from deepatlas_fast.data.preprocess import Preprocessing, normalise
 
 
 def test_label_table_round_trip_and_unknown_values():

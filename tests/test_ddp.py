@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from _installed import PKG_ROOT
 from _synth import tiny_overrides, write_dataset
-from deepatlas_fast.train import list_checkpoints, train
+from deepatlas_fast.training.checkpoint import list_checkpoints
+from deepatlas_fast.training.trainer import train
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):
@@ -21,7 +21,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
            "-m", "deepatlas_fast.cli", "train", "--data", str(dl), "--out", str(tmp_path / "ddp"), "--no-progress"]
     cmd += [a for s in common + ["train.batch_size=1"] for a in ("--set", s)]
-    env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     train(None, dl, tmp_path / "single", overrides=common + ["train.batch_size=2"], progress=False)
@@ -35,7 +35,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
             assert torch.allclose(a[net][k], b[net][k], atol=1e-5, rtol=1e-4), (net, k)
     # and training did move the weights (the comparison is not between two untouched inits)
     torch.manual_seed(0)
-    from deepatlas_fast.config import load_config
-    from deepatlas_fast.nets import build_nets
+    from deepatlas_fast.training.config import load_config
+    from deepatlas_fast.nn.nets import build_nets
     init_reg, _ = build_nets(load_config(None, common)["model"], 4)
     assert not torch.allclose(init_reg.state_dict()["flow.weight"], a["reg"]["flow.weight"])

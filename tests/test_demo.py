@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from deepatlas_fast.cli import main as cli_main
-from deepatlas_fast.config import load_config
-from deepatlas_fast.demo import (COMPARISONS, FULL, LONG, PRESETS, ROWS, paired_test, replace_block, row_stats,
+from deepatlas_fast.training.config import load_config
+from deepatlas_fast.cli.demo import (COMPARISONS, FULL, LONG, PRESETS, ROWS, paired_test, replace_block, row_stats,
                                  run_demo)
-from deepatlas_fast.demo_data import ROOT, datalist_path
+from deepatlas_fast.data.demo_data import ROOT, datalist_path
 
 
 def test_demo_data_is_consistent():

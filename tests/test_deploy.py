@@ -11,10 +11,11 @@ import pytest
 
 from _onnx import exported_run
 from _synth import LABEL_VALUES
-from deepatlas_fast.api import load_run
+from deepatlas_fast.inference.run import load_run
 from deepatlas_fast.cli import main
-from deepatlas_fast.deploy import default_providers, load_onnx
-from deepatlas_fast.io import load_nifti, save_nifti
+from deepatlas_fast.deploy.runtime import default_providers, load_onnx
+from deepatlas_fast.data.io import load_nifti, save_nifti
+from deepatlas_fast.errors import DeepAtlasWarning
 
 DATA = Path(__file__).parent / "data"
 
@@ -32,6 +33,14 @@ def test_cpu_provider_is_reported(exported):
     assert default_providers()[-1] == "CPUExecutionProvider"
     with pytest.raises(ValueError, match="device must be"):
         default_providers("tpu")
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")  # onnxruntime's own
+def test_fallback_to_cpu_is_a_warning(exported):
+    out = exported[3]
+    with pytest.warns(DeepAtlasWarning, match="fell back to CPU"):
+        model = load_onnx(out, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert model.providers == ["CPUExecutionProvider"]
 
 
 def test_same_results_as_pytorch_on_real_brains(exported):

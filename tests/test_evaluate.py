@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from _synth import tiny_run
-from deepatlas_fast.evaluate import dice_per_class, evaluate, folding_fraction, jacobian_determinant
-from deepatlas_fast.io import load_nifti
+from deepatlas_fast.inference.evaluation import evaluate
+from deepatlas_fast.training.metrics import dice_per_class, folding_fraction, jacobian_determinant
+from deepatlas_fast.data.io import load_nifti
 
 DATA = Path(__file__).parent / "data"
 
@@ -62,7 +63,7 @@ def test_real_brains_registration_beats_unregistered(tmp_path):
     """3 real OASIS brains at 4 mm (tests/data): weakly supervised registration training must raise
     the Dice of the 30 standard structures above the unregistered Dice (0.534 at 4 mm). The
     evaluated pair is in the training set: this checks the machinery, not generalisation."""
-    from deepatlas_fast.train import train
+    from deepatlas_fast.training.trainer import train
     structures = [int(v) for v in (DATA / "evaluation_labels.txt").read_text().split()]
     run = train(None, DATA / "oasis_4mm.json", tmp_path / "run", stage="reg", progress=False, overrides=E2E)
     s = evaluate(run, split="test", structures=structures, figures=False, progress=False)

@@ -11,10 +11,10 @@ import torch
 
 from _onnx import exported_run
 from deepatlas_fast import __version__, warp
-from deepatlas_fast.api import load_run
-from deepatlas_fast.export import RegGraph, SegGraph, export_module, export_run
-from deepatlas_fast.io import load_nifti
-from deepatlas_fast.nets import RegNet, SegNet
+from deepatlas_fast.inference.run import load_run
+from deepatlas_fast.deploy.export import RegGraph, SegGraph, export_module, export_run
+from deepatlas_fast.data.io import load_nifti
+from deepatlas_fast.nn.nets import RegNet, SegNet
 
 DATA = Path(__file__).parent / "data"
 COMBOS = [(m, p) for m in ("linear", "nearest") for p in ("zeros", "border")]
@@ -60,7 +60,7 @@ def test_warp_exports_as_standard_onnx_ops(tmp_path, impl):
 
 def _real(name):
     """A real OASIS T1 (4 mm, 40x48x56) scaled to [0, 1] like the network inputs."""
-    from deepatlas_fast.preprocess import normalise
+    from deepatlas_fast.data.preprocess import normalise
     return normalise(load_nifti(DATA / name)[0])
 
 

@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from deepatlas_fast.data import read_datalist
-from deepatlas_fast.knee import find_subjects, load_knee, lr_axis, prepare_knee_dataset
+from deepatlas_fast.data.datasets import read_datalist
+from deepatlas_fast.data.knee import find_subjects, load_knee, lr_axis, prepare_knee_dataset
 
 AFFINE = np.diag([0.36, 0.36, 0.7, 1.0])   # RAS, axis 0 = left-right
 

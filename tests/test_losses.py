@@ -3,7 +3,7 @@ finite-difference references and analytic values."""
 import pytest
 import torch
 
-from deepatlas_fast import losses
+from deepatlas_fast.nn import losses
 from reference import (bending_energy_reference, gradient_l2_reference, lncc_reference,
                        soft_dice_reference)
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from deepatlas_fast import warp
-from deepatlas_fast.nets import RegNet, SegNet, build_nets, integrate_velocity
-from deepatlas_fast.config import default_config
+from deepatlas_fast.nn.nets import RegNet, SegNet, build_nets, integrate_velocity
+from deepatlas_fast.training.config import default_config
 
 
 def test_regnet_default_widths_shape_and_small_init():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deepatlas_fast.cli import main as cli_main
-from deepatlas_fast.prealign import apply_affine, initial_matrix, prealign
+from deepatlas_fast.data.prealign import apply_affine, initial_matrix, prealign
 
 DATA = Path(__file__).parent / "data"
 

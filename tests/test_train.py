@@ -1,6 +1,5 @@
 """Training: run directory, stages and loss terms, exact resume, SIGKILL safety, config."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -10,11 +9,12 @@ import time
 import pytest
 import torch
 
-from _installed import PKG_ROOT
 from _synth import tiny_overrides, tiny_run, write_dataset
-from deepatlas_fast.config import load_config
-from deepatlas_fast.data import VolumeDataset, read_data
-from deepatlas_fast.train import Trainer, build_preprocessing, list_checkpoints, train
+from deepatlas_fast.training.config import load_config
+from deepatlas_fast.data.datasets import VolumeDataset, read_data
+from deepatlas_fast.errors import DeepAtlasWarning
+from deepatlas_fast.training.checkpoint import CKPT_FORMAT, latest_checkpoint, list_checkpoints, save_checkpoint
+from deepatlas_fast.training.trainer import Trainer, build_preprocessing, train
 
 
 def _load(p):
@@ -86,8 +86,7 @@ def test_sigkill_loses_no_completed_checkpoint(tmp_path):
     sets = tiny_overrides(reg=500) + ["train.checkpoint_every=1", "train.checkpoint_keep=0"]
     cmd = [sys.executable, "-m", "deepatlas_fast.cli", "train", "--data", str(dl), "--out", str(run),
            "--stage", "reg", "--no-progress"] + [a for s in sets for a in ("--set", s)]
-    env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     try:
         deadline = time.time() + 120
         while len(list_checkpoints(run)) < 4:
@@ -107,6 +106,30 @@ def test_sigkill_loses_no_completed_checkpoint(tmp_path):
     assert max(after.values()) == last + 2
     steps = [json.loads(r)["global_step"] for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == last + 2
+
+
+def test_unreadable_checkpoint_is_skipped_with_a_warning(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, {"format": CKPT_FORMAT, "global_step": step}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    (tmp_path / "checkpoints" / "ckpt-00000003.pt").write_bytes(b"cut by a crash")
+    with pytest.warns(DeepAtlasWarning, match="skipping unreadable checkpoint .*ckpt-00000003.pt"):
+        path, ckpt = latest_checkpoint(tmp_path)
+    assert path.name == "ckpt-00000002.pt" and ckpt["global_step"] == 2
+
+
+def test_a_plotting_failure_warns_and_training_goes_on(tmp_path, monkeypatch):
+    from deepatlas_fast.training import figures
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no backend")
+
+    monkeypatch.setattr(figures, "plot_curves", broken)
+    tr = _trainer(tmp_path)
+    tr.plan, tr.completed = ["seg"], ["seg"]
+    with pytest.warns(DeepAtlasWarning, match="could not plot training curves: no backend"):
+        tr.save("seg", 1, 0, {}, {})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000001.pt"]
 
 
 def _trainer(tmp_path, overrides=()):

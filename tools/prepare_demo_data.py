@@ -1,6 +1,6 @@
-"""Rebuild the demo data set shipped in deepatlas_fast/demo_data/ from the raw files.
+"""Rebuild the demo data set shipped in src/deepatlas_fast/data/demo_data/ from the raw files.
 
-    python tools/prepare_demo_data.py --src /path/to/shared/data --out deepatlas_fast/demo_data
+    python tools/prepare_demo_data.py --src /path/to/shared/data --out src/deepatlas_fast/data/demo_data
 
 Inputs (see CREDITS.md for sources): 3 real OASIS T1 brains on one 1 mm grid (160x192x224; a and
 b with FreeSurfer aseg labels, c unlabelled) and 20 SynthSeg whole-head label maps (256^3, each
@@ -11,7 +11,7 @@ Steps:
 2. Each label map -> a T1-like image: per-label Gaussian intensities drawn from the SynthSeg T1
    priors, a smooth multiplicative bias field, noise, slight blur, skull removal via the labels.
 3. Affine registration of each synthetic image (2 mm) to the mean of the 3 real brains with
-   ``deepatlas_fast.prealign`` (moments initialisation, then MSE, 8 mm -> 4 mm -> 2 mm), then
+   ``deepatlas_fast.data.prealign`` (moments initialisation, then MSE, 8 mm -> 4 mm -> 2 mm), then
    the 1 mm image/labels are resampled on the real 1 mm grid and reduced to 2 mm like the real ones.
 4. Labels are kept as FreeSurfer values restricted to STRUCTURES (the 30 standard evaluation
    structures minus choroid plexus 31/63, which the SynthSeg maps do not contain); everything
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from deepatlas_fast.prealign import apply_affine, prealign
+from deepatlas_fast.data.prealign import apply_affine, prealign
 
 EVAL_30 = [2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31,
            41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63]
@@ -167,7 +167,7 @@ def synthesise(lab, col, gain, priors_dir, rng):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--src", default="/work/shared/data", help="shared data folder (README.md there)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "deepatlas_fast" / "demo_data"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "src" / "deepatlas_fast" / "data" / "demo_data"))
     p.add_argument("--seed", type=int, default=2019)
     p.add_argument("--n-synth", type=int, default=N_SYNTH, help="synthetic subjects (20 for the shipped set)")
     a = p.parse_args(argv)

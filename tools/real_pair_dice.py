@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from deepatlas_fast import warp
-from deepatlas_fast.api import load_run
-from deepatlas_fast.demo_data import datalist_path
-from deepatlas_fast.io import load_nifti
-from deepatlas_fast.preprocess import resample
+from deepatlas_fast.inference.run import load_run
+from deepatlas_fast.data.demo_data import datalist_path
+from deepatlas_fast.data.io import load_nifti
+from deepatlas_fast.data.preprocess import resample
 
 
 def dice_30(a: np.ndarray, b: np.ndarray, structures) -> float:

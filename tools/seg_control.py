@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from deepatlas_fast.demo import PRESETS, _data
-from deepatlas_fast.evaluate import evaluate
-from deepatlas_fast.train import train
+from deepatlas_fast.cli.demo import PRESETS, _data
+from deepatlas_fast.inference.evaluation import evaluate
+from deepatlas_fast.training.trainer import train
 
 
 def main(argv=None) -> int:

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=9)
     args = p.parse_args(argv)
     inputs = cases(tuple(args.shape))
-    # benchmarks/ imports the installed package first: say which build is timed.
+    # say which build is timed
     print(f"warp forward of {Path(da.__file__).parent}, {tuple(args.shape)}, median of {args.repeat} (ms)")
     print("| input | " + " | ".join(f"{n} thread{'s' * (n > 1)}" for n in args.threads) + " |")
     print("|---|" + "---:|" * len(args.threads))

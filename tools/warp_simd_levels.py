@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--levels", nargs="+", default=["avx2", "1"])
     p.add_argument("--rounds", type=int, default=7)
     args = p.parse_args(argv)
-    # benchmarks/ imports the installed package first: say which build is timed.
+    # say which build is timed
     print(f"warp of {Path(da.__file__).parent}, {tuple(args.shape)}, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} rounds (ms)")
     times = time_levels(tuple(args.shape), args.levels, args.rounds)

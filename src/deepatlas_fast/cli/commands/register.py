@@ -1,0 +1,36 @@
+"""deepatlas-fast register (--run RUN_DIR | --onnx ONNX_DIR) MOVING TARGET -o WARPED [--labels L --labels-out LO]
+[--disp-out D]"""
+from __future__ import annotations
+
+from ...errors import DeepAtlasError
+
+
+def add_arguments(p):
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory (latest checkpoint is used)")
+    src.add_argument("--onnx", help="directory written by `deepatlas-fast export` (runs in ONNX Runtime)")
+    p.add_argument("moving", help="moving image (.nii / .nii.gz), on the target's grid (pre-aligned)")
+    p.add_argument("target", help="target image")
+    p.add_argument("-o", "--output", required=True, help="warped moving image (target affine)")
+    p.add_argument("--labels", help="label map of the moving image, to warp along")
+    p.add_argument("--labels-out", help="warped moving labels (original label values)")
+    p.add_argument("--disp-out", help="displacement field, shape (D, H, W, 3), voxels, i/j/k order")
+    p.add_argument("--device", help="PyTorch device (default cpu); with --onnx: auto (CUDA EP if available, "
+                                    "else CPU), cpu, cuda or cuda:N")
+
+
+def run(args) -> int:
+    if (args.labels is None) != (args.labels_out is None):
+        raise DeepAtlasError("--labels and --labels-out go together")
+    if args.onnx is not None:
+        from ...deploy.runtime import load_onnx
+        model = load_onnx(args.onnx, device=args.device)
+        where = f" (onnxruntime, {model.providers[0]})"
+    else:
+        from ...inference.run import load_run
+        model, where = load_run(args.run, device=args.device or "cpu"), ""
+    model.register_file(args.moving, args.target, args.output, labels=args.labels,
+                        labels_out=args.labels_out, disp_out=args.disp_out)
+    print(f"wrote {args.output}" + (f", {args.labels_out}" if args.labels_out else "")
+          + (f", {args.disp_out}" if args.disp_out else "") + where)
+    return 0

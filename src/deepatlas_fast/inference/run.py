@@ -1,0 +1,136 @@
+"""Python API: load a trained run, segment and register arrays or NIfTI files.
+
+    from deepatlas_fast.inference import load_run
+    run = load_run("runs/brain")                      # latest checkpoint of the run
+    run.segment_file("sub.nii.gz", "sub_seg.nii.gz")  # original label values, input affine
+    out = run.register_file("mov.nii.gz", "tgt.nii.gz", "warped.nii.gz",
+                            labels="mov_seg.nii.gz", labels_out="warped_seg.nii.gz", disp_out="disp.nii.gz")
+
+Arrays: ``run.segment(image)`` -> label map; ``run.register(moving, target, moving_labels=None)`` ->
+dict(warped, disp, warped_labels). ``disp`` is [3, D, H, W] in voxels of the input grid, (i, j, k)
+order: the moving image is sampled at x + disp(x).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError, DeepAtlasError, DeepAtlasWarning
+from ..data.io import load_header, load_nifti, save_nifti
+from ..nn.nets import build_nets
+from ..ops import warp
+from ..data.preprocess import Preprocessing, resample
+from ..training.checkpoint import latest_checkpoint, load_checkpoint
+
+
+class Run:
+    """The trained nets of a run plus its pre/post-processing."""
+
+    def __init__(self, ckpt: dict, *, device="cpu", source: str = "?"):
+        self.config = json.loads(ckpt["config"])
+        self.prep = Preprocessing.from_dict(json.loads(ckpt["preprocessing"]))
+        self.device = torch.device(device)
+        self.reg_net, self.seg_net = build_nets(self.config["model"], self.prep.num_classes)
+        self.reg_net.load_state_dict(ckpt["reg"])
+        self.seg_net.load_state_dict(ckpt["seg"])
+        for net in (self.reg_net, self.seg_net):
+            net.to(self.device).eval()
+        self.stage, self.step, self.completed = ckpt["stage"], ckpt["stage_step"], ckpt["completed"]
+        self.source = source
+
+    @property
+    def labels(self):
+        return self.prep.labels
+
+    def _check_spacing(self, spacing, name):
+        ref = self.prep.spacing
+        if ref is not None and spacing is not None and not np.allclose(spacing, ref, rtol=0.05):
+            warnings.warn(f"{name} has voxel size {tuple(round(s, 3) for s in spacing)} mm but the run was "
+                          f"trained at {tuple(ref)} mm; resample it for reliable results", DeepAtlasWarning,
+                          stacklevel=3)
+
+    @torch.no_grad()
+    def segment(self, image: np.ndarray, spacing=None) -> np.ndarray:
+        """3D image -> label map (original label values) on the same grid.
+
+        ``spacing``: the image's voxel size (mm). If it differs from the training voxel size
+        (by more than 5 %), the image is resampled to the training voxel size (trilinear, same
+        field of view), segmented there, and the class probabilities resampled back before the
+        argmax. Without it the image is assumed to have the training voxel size."""
+        shape = tuple(image.shape)
+        work = self.prep.training_grid(shape, spacing)
+        if work != shape:
+            image = resample(torch.from_numpy(np.asarray(image, np.float32))[None, None], work)[0, 0].numpy()
+        x = self.prep.image(image).to(self.device)
+        return self.prep.logits_to_labels(self.seg_net(x).cpu(), work, out_shape=shape)
+
+    @torch.no_grad()
+    def register(self, moving: np.ndarray, target: np.ndarray, moving_labels: np.ndarray | None = None) -> dict:
+        """Warp ``moving`` onto ``target`` (same grid). Returns warped (moving's intensities),
+        disp [3, D, H, W] (voxels, original grid) and warped_labels (original values) if labels given."""
+        if moving.shape != target.shape:
+            raise DataError(f"moving {moving.shape} and target {target.shape} must share one grid (pre-align them first)")
+        m = self.prep.image(moving, name="moving").to(self.device)
+        t = self.prep.image(target, name="target").to(self.device)
+        disp = self.prep.disp_to_original(self.reg_net(m, t).cpu(), moving.shape)
+        out = {"disp": disp[0].numpy(),
+               "warped": warp(torch.from_numpy(np.asarray(moving, np.float32))[None, None], disp)[0, 0].numpy()}
+        if moving_labels is not None:
+            if moving_labels.shape != moving.shape:
+                raise DataError(f"moving labels {moving_labels.shape} and moving image {moving.shape} differ in shape")
+            cls = torch.from_numpy(self.labels.to_classes(np.asarray(moving_labels), name="moving labels"))
+            wl = warp(cls[None, None].float(), disp, mode="nearest")[0, 0].round().long()
+            out["warped_labels"] = self.labels.to_values(wl.numpy())
+        return out
+
+    # -- files
+    def segment_file(self, image_path, out_path) -> Path:
+        """Labels on the image's own grid, written with its affine; an image of another voxel
+        size than the training images is resampled for the net (see ``segment``)."""
+        img, affine = load_nifti(image_path)
+        spacing = load_header(image_path)[2]
+        work = self.prep.training_grid(img.shape, spacing)
+        if work != tuple(img.shape):
+            print(f"{image_path}: voxel size {tuple(round(float(s), 3) for s in spacing)} mm, the run was trained "
+                  f"at {tuple(self.prep.spacing)} mm: segmenting it resampled to {work} voxels", file=sys.stderr)
+        return save_nifti(out_path, self.segment(img, spacing), affine)
+
+    def register_file(self, moving_path, target_path, out_path, *, labels=None, labels_out=None, disp_out=None) -> dict:
+        mov, maff = load_nifti(moving_path)
+        tgt, taff = load_nifti(target_path)
+        if mov.shape != tgt.shape or not np.allclose(maff, taff, atol=1e-3):
+            raise DataError(f"{moving_path} and {target_path} must share one grid (shape and affine); "
+                             "pre-align/resample the moving image onto the target first")
+        self._check_spacing(load_header(target_path)[2], target_path)
+        lab = None
+        if labels is not None:
+            lab, laff = load_nifti(labels, label=True)
+            if lab.shape != mov.shape:
+                raise DataError(f"{labels}: shape {lab.shape} differs from the moving image {mov.shape}")
+        res = self.register(mov, tgt, lab)
+        # the warped moving image lives on the target grid: write it with the target's affine
+        save_nifti(out_path, res["warped"], taff, dtype=np.float32)
+        if labels_out is not None:
+            if lab is None:
+                raise DeepAtlasError("labels_out needs labels (the moving image's label map)")
+            save_nifti(labels_out, res["warped_labels"], taff)
+        if disp_out is not None:
+            save_nifti(disp_out, np.moveaxis(res["disp"], 0, -1).astype(np.float32), taff)
+        return res
+
+
+def load_run(run_dir, *, device="cpu", checkpoint=None) -> Run:
+    """Latest checkpoint of ``run_dir`` (or the given checkpoint file) -> Run."""
+    if checkpoint is not None:
+        ckpt, src = load_checkpoint(checkpoint), str(checkpoint)
+    else:
+        path, ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint found (is this a deepatlas-fast run directory?)")
+        src = str(path)
+    return Run(ckpt, device=device, source=src)

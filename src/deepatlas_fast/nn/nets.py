@@ -1,0 +1,176 @@
+"""The two networks of DeepAtlas: registration F_R and segmentation F_S (3D U-Nets).
+
+Both are plain ``nn.Module``s with no data-dependent control flow in ``forward`` so that
+``torch.onnx.export`` can trace them; the only custom op is ``deepatlas_fast.warp`` (diffeomorphic
+integration). Input sizes must be multiples of ``net.multiple`` (``Preprocessing`` pads to it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import warp
+
+
+class _ChannelsLast:
+    """Optionally run a net in channels_last_3d: weights and activations stored channel-minor,
+    which PyTorch's CPU convolutions (oneDNN) handle much faster than the default layout, for
+    the backward above all. Inputs are converted on the way in, outputs come back contiguous;
+    a traced export (ONNX) switches it off (``use_channels_last(False)``)."""
+
+    channels_last = False
+
+    def use_channels_last(self, on: bool = True):
+        self.channels_last = bool(on)
+        return self.to(memory_format=torch.channels_last_3d if on else torch.contiguous_format)
+
+    def _in(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous() if self.channels_last else x
+
+
+def _conv(cin, cout, stride=1):
+    conv = nn.Conv3d(cin, cout, 3, stride=stride, padding=1)
+    # He init (as VoxelMorph's Keras code): PyTorch's default shrinks activations ~3x per layer,
+    # which leaves the flow head almost no signal and makes training start very slowly
+    nn.init.kaiming_normal_(conv.weight, a=0.2, nonlinearity="leaky_relu")
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(conv, nn.LeakyReLU(0.2))
+
+
+class RegNet(_ChannelsLast, nn.Module):
+    """VoxelMorph-style U-Net: (moving, target) -> displacement [B, 3, D, H, W] in voxels (d, h, w).
+
+    Encoder: ``enc[0]`` at full resolution, then one stride-2 conv per further entry (16, 32, 32,
+    32, 32 -> 4 halvings). Decoder: ``dec[0]`` on the bottleneck, then for each level upsample x2,
+    concatenate the encoder skip and conv (32, 32, 32, 8, 8); extra ``dec`` entries are full-resolution
+    convs. A final 3x3x3 conv with N(0, 1e-5) weights and zero bias makes training start near identity.
+
+    ``diffeomorphic=True``: the output is a stationary velocity field integrated by scaling and
+    squaring (``int_steps`` compositions with ``warp``), which gives an invertible map.
+    """
+
+    def __init__(self, enc=(16, 32, 32, 32, 32), dec=(32, 32, 32, 8, 8), *, diffeomorphic: bool = False,
+                 int_steps: int = 7, in_channels: int = 2):
+        super().__init__()
+        enc, dec = list(enc), list(dec)
+        if len(enc) < 2 or len(dec) < len(enc):
+            raise ValueError(f"RegNet needs >= 2 encoder widths and at least as many decoder widths, got {enc}, {dec}")
+        self.levels = len(enc) - 1
+        self.multiple = 2 ** self.levels
+        self.diffeomorphic = bool(diffeomorphic)
+        self.int_steps = int(int_steps)
+        self.enc = nn.ModuleList([_conv(in_channels, enc[0])] +
+                                 [_conv(enc[i - 1], enc[i], stride=2) for i in range(1, len(enc))])
+        self.dec = nn.ModuleList([_conv(enc[-1], dec[0])])
+        for i in range(1, self.levels + 1):
+            self.dec.append(_conv(dec[i - 1] + enc[self.levels - i], dec[i]))
+        self.extra = nn.ModuleList([_conv(dec[i - 1], dec[i]) for i in range(self.levels + 1, len(dec))])
+        self.flow = nn.Conv3d(dec[-1], 3, 3, padding=1)
+        nn.init.normal_(self.flow.weight, 0.0, 1e-5)
+        nn.init.zeros_(self.flow.bias)
+
+    def forward(self, moving: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        x = self._in(torch.cat([moving, target], 1))
+        skips = []
+        for layer in self.enc:
+            x = layer(x)
+            skips.append(x)
+        x = self.dec[0](skips.pop())
+        for layer in self.dec[1:]:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = layer(torch.cat([x, skips.pop()], 1))
+        for layer in self.extra:
+            x = layer(x)
+        flow = self._out(self.flow(x))
+        if self.diffeomorphic:
+            flow = integrate_velocity(flow, self.int_steps)
+        return flow
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring: exp(v) ~ (x + v / 2^n) composed with itself n times -> displacement."""
+    disp = velocity / (2 ** steps)
+    for _ in range(steps):
+        disp = disp + warp(disp, disp, mode="linear", padding="border")
+    return disp
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "instance":
+        # instance normalisation with a learnt scale and shift per channel, written as a
+        # GroupNorm with one group per channel: the same function and parameters as
+        # InstanceNorm3d(affine=True), but PyTorch's CPU kernel keeps channels_last_3d
+        return nn.GroupNorm(channels, channels)
+    raise ValueError(f"norm must be 'batch' or 'instance', got {kind!r}")
+
+
+class _Block(nn.Sequential):
+    def __init__(self, cin, cout, norm):
+        super().__init__(nn.Conv3d(cin, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.LeakyReLU(0.01),
+                         nn.Conv3d(cout, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.LeakyReLU(0.01))
+
+
+class SegNet(_ChannelsLast, nn.Module):
+    """Light 3D U-Net: image [B, 1, D, H, W] -> class logits [B, num_classes, D, H, W].
+
+    Two conv-norm-LeakyReLU per level; widths ``enc`` (8, 16, 32, 64), max-pool between levels
+    (3 halvings); decoder mirrors it with transposed convs (``upsample="transpose"``) or trilinear
+    upsampling + 1x1x1 conv (``"trilinear"``), then a 1x1x1 conv to the class logits.
+    """
+
+    def __init__(self, num_classes: int, enc=(8, 16, 32, 64), *, norm: str = "batch", upsample: str = "transpose",
+                 in_channels: int = 1):
+        super().__init__()
+        enc = list(enc)
+        if num_classes < 2:
+            raise ValueError(f"SegNet needs at least 2 classes (background + 1), got {num_classes}")
+        if upsample not in ("transpose", "trilinear"):
+            raise ValueError(f"upsample must be 'transpose' or 'trilinear', got {upsample!r}")
+        self.multiple = 2 ** (len(enc) - 1)
+        self.num_classes = num_classes
+        self.down = nn.ModuleList([_Block(in_channels, enc[0], norm)] +
+                                  [_Block(enc[i - 1], enc[i], norm) for i in range(1, len(enc))])
+        self.up, self.dec = nn.ModuleList(), nn.ModuleList()
+        for i in range(len(enc) - 1, 0, -1):
+            if upsample == "transpose":
+                self.up.append(nn.ConvTranspose3d(enc[i], enc[i - 1], 2, stride=2))
+            else:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2.0, mode="trilinear", align_corners=False),
+                                             nn.Conv3d(enc[i], enc[i - 1], 1)))
+            self.dec.append(_Block(2 * enc[i - 1], enc[i - 1], norm))
+        self.head = nn.Conv3d(enc[0], num_classes, 1)
+
+    @torch.no_grad()
+    def init_class_prior(self, freq: torch.Tensor, floor: float = 1e-4) -> None:
+        """Start the head's biases at the log class frequencies: the first softmax is the class
+        prior instead of uniform, so training starts from a low cross-entropy and does not
+        spend its first hundreds of steps learning that most voxels are background."""
+        b = torch.log(torch.as_tensor(freq, dtype=torch.float64).clamp_min(floor))
+        self.head.bias.copy_((b - b.mean()).to(self.head.bias))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        skips = []
+        x = self._in(image)
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool3d(x, 2))
+            skips.append(x)
+        skips.pop()
+        for up, block in zip(self.up, self.dec):
+            x = block(torch.cat([up(x), skips.pop()], 1))
+        return self._out(self.head(x))
+
+
+def build_nets(model_cfg: dict, num_classes: int):
+    """(RegNet, SegNet) from the ``model`` section of a config."""
+    reg = RegNet(model_cfg["reg_enc"], model_cfg["reg_dec"], diffeomorphic=model_cfg["diffeomorphic"],
+                 int_steps=model_cfg["int_steps"])
+    seg = SegNet(num_classes, model_cfg["seg_enc"], norm=model_cfg["seg_norm"], upsample=model_cfg["seg_upsample"])
+    if model_cfg.get("channels_last"):
+        reg.use_channels_last(), seg.use_channels_last()
+    return reg, seg

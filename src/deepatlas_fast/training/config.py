@@ -1,0 +1,176 @@
+"""Training configuration: defaults, YAML/JSON files, ``key.sub=value`` overrides.
+
+A config is a nested dict; every key has a default below, and unknown keys are an error (a typo
+must not silently train with a default).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+from ..errors import ConfigError, ConfigKeyError
+from ..data import augment
+
+STAGES = ("seg", "reg", "semi-da", "da", "all")
+
+DEFAULTS = {
+    "seed": 0,
+    "device": "auto",            # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    "data": {
+        "labels": None,          # label values (list) or a text file of them; None: union of the training labels
+        "percentiles": [0.5, 99.5],
+        "downsample": 1,         # integer factor: 2 trains a 1 mm dataset at 2 mm
+        "resample": False,       # resample images on another grid onto the first image's grid
+        "cache": True,           # keep preprocessed volumes in memory
+        # pair proportions; first letter = moving image, second = target, L labelled, U unlabelled
+        "pairs": {"LL": 1.0, "LU": 1.0, "UL": 1.0, "UU": 1.0},
+    },
+    "model": {
+        "reg_enc": [16, 32, 32, 32, 32],
+        "reg_dec": [32, 32, 32, 8, 8],
+        "diffeomorphic": False,
+        "int_steps": 7,
+        "seg_enc": [8, 16, 32, 64],
+        "seg_norm": "batch",     # "batch" | "instance"
+        "seg_upsample": "transpose",  # "transpose" | "trilinear"
+        "channels_last": True,   # run both nets in channels_last_3d (faster CPU convolutions)
+    },
+    "loss": {
+        "similarity": "lncc",    # "lncc" | "ncc" (global)
+        "window": 9,
+        "lambda_r": 1.0,         # gradient L2 of the displacement
+        "lambda_a": 1.0,         # anatomy loss in F_R's loss (Dice of warped moving vs target segmentation)
+        "lambda_a_seg": None,    # anatomy loss in F_S's loss; null: lambda_a
+        "lambda_sp": 1.0,        # supervised loss of F_S vs manual labels
+        "lambda_ce": 1.0,        # F_S's losses (supervised, anatomy): Dice + lambda_ce x cross-entropy
+        "include_background": True,  # background is a class of every Dice loss
+        # how F_R's registration of a labelled image onto an unlabelled one trains F_S:
+        # "unlabelled": F_S on the unlabelled image against the warped labels (DeepAtlas's L_a);
+        # "warped": F_S on the warped labelled image (with the unlabelled image's class
+        # intensities) against the warped labels, which fit it exactly; "both"
+        "seg_anatomy": "unlabelled",
+        # F_R's anatomy loss where F_S stands in for labels: voxels weigh (F_S's top class
+        # probability) ** anatomy_confidence; 0 = all voxels alike
+        "anatomy_confidence": 0.0,
+    },
+    "augment": dict(augment.DEFAULTS),  # on-the-fly augmentation of F_S's training images (data/augment.py)
+    "train": {
+        "steps": {"seg": 1000, "reg": 1000, "semi-da": 1000, "da": 2000},
+        "batch_size": 1,         # per process
+        "lr": 1e-4,
+        "lr_schedule": "constant",  # "constant" | "cosine" | "step"
+        "lr_step": 1000,         # period of the "step" schedule (x0.5)
+        "weight_decay": 0.0,
+        "k_reg": 20,             # da: registration steps per cycle ...
+        "k_seg": 1,              # ... then segmentation steps
+        "semi_da_train": "seg",  # semi-da: the net that learns ("seg" or "reg"); the other is frozen
+        "checkpoint_every": 100,
+        "checkpoint_keep": 3,    # most recent checkpoints kept (0 = keep all)
+        "log_every": 10,
+        "val_every": 0,          # validation Dice every N steps (0 = off)
+        "val_pairs": 4,
+    },
+}
+
+
+def default_config() -> dict:
+    return copy.deepcopy(DEFAULTS)
+
+
+def load_config(path=None, overrides=()) -> dict:
+    """Defaults <- file (YAML or JSON) <- overrides ``["train.lr=1e-3", ...]``; validated."""
+    cfg = default_config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not a valid YAML or JSON file ({e})") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config must be a mapping, got {type(loaded).__name__}")
+        merge(cfg, loaded or {}, where=str(path))
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def merge(cfg: dict, new: dict, where: str = "config", prefix: str = "") -> dict:
+    for k, v in new.items():
+        if k not in cfg:
+            raise ConfigKeyError(f"{where}: unknown config key {prefix + k!r}; known: {sorted(cfg)}")
+        # dicts with free keys (pair proportions, steps per stage) are replaced key by key too
+        if isinstance(cfg[k], dict) and isinstance(v, dict):
+            merge(cfg[k], v, where, prefix + k + ".")
+        else:
+            cfg[k] = _coerce(cfg[k], v, prefix + k)
+    return cfg
+
+
+def _coerce(old, new, key):
+    # YAML 1.1 reads "1e-4" as a string: convert where the default is a number
+    if isinstance(new, str) and isinstance(old, (int, float)) and not isinstance(old, bool):
+        try:
+            return float(new)
+        except ValueError:
+            raise ConfigError(f"config key {key!r}: expected a number, got {new!r}") from None
+    return new
+
+
+def apply_overrides(cfg: dict, overrides) -> dict:
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, value = item.split("=", 1)
+        try:
+            nested = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from e
+        for part in reversed(key.strip().split(".")):
+            nested = {part: nested}
+        merge(cfg, nested, where=f"override {item!r}")
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    t, m, lo, d = cfg["train"], cfg["model"], cfg["loss"], cfg["data"]
+    if lo["similarity"] not in ("lncc", "ncc"):
+        raise ConfigError(f"loss.similarity must be 'lncc' or 'ncc', got {lo['similarity']!r}")
+    if m["seg_norm"] not in ("batch", "instance"):
+        raise ConfigError(f"model.seg_norm must be 'batch' or 'instance', got {m['seg_norm']!r}")
+    if not isinstance(m["channels_last"], bool):
+        raise ConfigError(f"model.channels_last must be true or false, got {m['channels_last']!r}")
+    if t["lr_schedule"] not in ("constant", "cosine", "step"):
+        raise ConfigError(f"train.lr_schedule must be constant, cosine or step, got {t['lr_schedule']!r}")
+    if t["semi_da_train"] not in ("seg", "reg"):
+        raise ConfigError(f"train.semi_da_train must be 'seg' or 'reg', got {t['semi_da_train']!r}")
+    for s, n in t["steps"].items():
+        if s not in STAGES[:-1] or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"train.steps.{s}: expected a stage in {STAGES[:-1]} with a step count >= 0, got {n!r}")
+    for k in ("batch_size", "k_reg", "checkpoint_every", "log_every"):
+        if not isinstance(t[k], int) or t[k] < 1:
+            raise ConfigError(f"train.{k} must be a positive integer, got {t[k]!r}")
+    if not isinstance(t["k_seg"], int) or t["k_seg"] < 0:
+        raise ConfigError(f"train.k_seg must be an integer >= 0, got {t['k_seg']!r}")
+    for k in ("lambda_r", "lambda_a", "lambda_a_seg", "lambda_sp", "lambda_ce", "anatomy_confidence"):
+        v = lo[k]
+        if k == "lambda_a_seg" and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+            raise ConfigError(f"loss.{k} must be a finite number >= 0, got {v!r}")
+    if lo["seg_anatomy"] not in ("unlabelled", "warped", "both"):
+        raise ConfigError(f"loss.seg_anatomy must be 'unlabelled', 'warped' or 'both', got {lo['seg_anatomy']!r}")
+    if not isinstance(lo["include_background"], bool):
+        raise ConfigError(f"loss.include_background must be true or false, got {lo['include_background']!r}")
+    augment.validate(cfg["augment"])
+    bad = set(d["pairs"]) - {"LL", "LU", "UL", "UU"}
+    if bad or any(float(v) < 0 for v in d["pairs"].values()) or not any(float(v) > 0 for v in d["pairs"].values()):
+        raise ConfigError(f"data.pairs: keys LL/LU/UL/UU with weights >= 0, not all 0; got {d['pairs']}")
+
+
+def save_config(cfg: dict, path) -> None:
+    Path(path).write_text(json.dumps(cfg, indent=2) + "\n")
