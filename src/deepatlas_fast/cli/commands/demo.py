@@ -50,7 +50,7 @@ def run(args) -> int:
             res = json.loads(Path(args.from_results).read_text())
             table = summary_table(res)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"--from-results {args.from_results}: not a demo results.json ({e})") from None
+            raise DeepAtlasError(f"--from-results {args.from_results}: not a demo results.json ({e})") from None
         update_doc_blocks(res, args.update_doc)
         print(table)
         return 0
