@@ -21,7 +21,14 @@ def add_arguments(p):
 def run(args) -> int:
     from ...training.trainer import train
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
-    out = train(args.config, args.data, args.out, stage=args.stage, resume=args.resume, init=args.init,
-                overrides=overrides, progress=not args.no_progress)
+    try:
+        out = train(args.config, args.data, args.out, stage=args.stage, resume=args.resume, init=args.init,
+                    overrides=overrides, progress=not args.no_progress)
+    finally:
+        # under torchrun: a process group left to the interpreter's exit can abort in gloo's
+        # threads (std::terminate), failing a finished run
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     print(f"run directory: {out}")
     return 0
