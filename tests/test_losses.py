@@ -124,3 +124,31 @@ def test_segmentation_loss_is_dice_plus_weighted_ce():
     w = torch.tensor([0.0, 1.0, 1.0, 2.0], dtype=torch.float64)
     torch.testing.assert_close(losses.dice_loss(logits, y, from_logits=True, weight=w),
                                1 - (d * w).sum(1).mean() / w.sum())
+
+
+def test_loss_modules_reduce_over_the_batch():
+    from deepatlas_fast.nn.losses import (BendingEnergyLoss, DiceLoss, GradientL2Loss, LNCCLoss, NCCLoss,
+                                          SegmentationLoss)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 1, 6, 7, 8, generator=g, dtype=torch.float64), torch.rand(3, 1, 6, 7, 8, generator=g, dtype=torch.float64)
+    b[1] = a[1]                                               # item 1: identical images
+    logits = torch.randn(3, 4, 6, 7, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (3, 1, 6, 7, 8), generator=g)
+    disp = torch.randn(3, 3, 6, 7, 8, generator=g, dtype=torch.float64)
+    disp[2] = 0.5                                             # item 2: constant field
+    cases = [(LNCCLoss(window=3), (a, b)), (NCCLoss(), (a, b)), (GradientL2Loss(), (disp,)),
+             (BendingEnergyLoss(), (disp,)), (DiceLoss(from_logits=True), (logits, labels)),
+             (SegmentationLoss(weight=[0.5, 1, 1, 2]), (logits, labels))]
+    for module, inputs in cases:
+        mean = module(*inputs)
+        module.reduction = "none"
+        per_item = module(*inputs)
+        module.reduction = "sum"
+        total = module(*inputs)
+        assert per_item.shape == (3,), type(module).__name__
+        assert torch.allclose(per_item.mean(), mean) and torch.allclose(per_item.sum(), total), type(module).__name__
+        assert len(set(per_item.tolist())) == 3, type(module).__name__   # really per item
+    assert LNCCLoss(window=3, reduction="none")(a, b)[1] < 1e-4        # identical images: loss ~0 (eps)
+    assert GradientL2Loss(reduction="none")(disp)[2] == 0             # constant field: exactly 0
+    with pytest.raises(ValueError, match="reduction"):
+        DiceLoss(reduction="batch")

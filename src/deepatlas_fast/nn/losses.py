@@ -1,6 +1,7 @@
 """Losses of DeepAtlas: image similarity (LNCC, global NCC), segmentation (soft Dice,
 cross-entropy, their sum), and displacement regularisers (diffusion, bending energy). All return
-a scalar to minimise."""
+a scalar to minimise; the modules at the end (LNCCLoss, DiceLoss, ...) add a ``reduction``
+over the batch, as MONAI's losses do."""
 from __future__ import annotations
 
 import torch
@@ -143,3 +144,90 @@ def bending_energy(disp: torch.Tensor) -> torch.Tensor:
             mixed = (e((i, 1), (j, 1)) - e((i, 1), (j, -1)) - e((i, -1), (j, 1)) + e((i, -1), (j, -1))) / 4
             energy = energy + 2 * mixed.pow(2).mean()
     return energy
+
+
+# ---- Modules (MONAI-style): the functions above with a ``reduction`` over the batch -----------
+class _BatchLoss(torch.nn.Module):
+    """Base of the loss modules. ``reduction``: "mean" (the function's value: the batch mean),
+    "sum" (over the batch) or "none" ([B], one value per batch item). Each function above is a
+    mean of equal-sized per-item means, so "mean" equals the mean of "none"."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"{type(self).__name__}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.reduction = reduction
+
+    def loss(self, *inputs: torch.Tensor) -> torch.Tensor:  # the batch mean
+        raise NotImplementedError
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.reduction == "mean":
+            return self.loss(*inputs)
+        per_item = torch.stack([self.loss(*(x[i:i + 1] for x in inputs)) for i in range(inputs[0].shape[0])])
+        return per_item if self.reduction == "none" else per_item.sum()
+
+
+class LNCCLoss(_BatchLoss):
+    """1 - LNCC (``lncc_loss``). Inputs: two images [B, C, D, H, W]."""
+
+    def __init__(self, window: int = 9, eps: float = 1e-5, reduction: str = "mean"):
+        super().__init__(reduction)
+        self.window, self.eps = window, eps
+
+    def loss(self, a, b):
+        return lncc_loss(a, b, window=self.window, eps=self.eps)
+
+
+class NCCLoss(_BatchLoss):
+    """1 - global NCC (``ncc_loss``)."""
+
+    def __init__(self, eps: float = 1e-5, reduction: str = "mean"):
+        super().__init__(reduction)
+        self.eps = eps
+
+    def loss(self, a, b):
+        return ncc_loss(a, b, eps=self.eps)
+
+
+class DiceLoss(_BatchLoss):
+    """1 - soft Dice (``dice_loss``): prediction [B, C, ...], target labels [B, 1, ...] or
+    probabilities [B, C, ...]."""
+
+    def __init__(self, *, include_background: bool = True, from_logits: bool = False, eps: float = 1e-6,
+                 weight=None, reduction: str = "mean"):
+        super().__init__(reduction)
+        self.include_background, self.from_logits, self.eps, self.weight = include_background, from_logits, eps, weight
+
+    def loss(self, pred, target):
+        return dice_loss(pred, target, include_background=self.include_background, from_logits=self.from_logits,
+                         eps=self.eps, weight=self.weight)
+
+
+class SegmentationLoss(_BatchLoss):
+    """Soft Dice + ``lambda_ce`` x cross-entropy (``segmentation_loss``)."""
+
+    def __init__(self, *, from_logits: bool = True, include_background: bool = True, lambda_ce: float = 1.0,
+                 weight=None, reduction: str = "mean"):
+        super().__init__(reduction)
+        self.from_logits, self.include_background, self.lambda_ce, self.weight = (
+            from_logits, include_background, lambda_ce, weight)
+
+    def loss(self, pred, target):
+        return segmentation_loss(pred, target, from_logits=self.from_logits,
+                                 include_background=self.include_background, lambda_ce=self.lambda_ce,
+                                 weight=self.weight)
+
+
+class GradientL2Loss(_BatchLoss):
+    """Diffusion regulariser (``gradient_l2``) of a displacement [B, 3, D, H, W]."""
+
+    def loss(self, disp):
+        return gradient_l2(disp)
+
+
+class BendingEnergyLoss(_BatchLoss):
+    """Bending energy (``bending_energy``) of a displacement [B, C, D, H, W]."""
+
+    def loss(self, disp):
+        return bending_energy(disp)
