@@ -47,7 +47,7 @@ def _export(reg, seg, out: Path) -> dict:
     return paths
 
 
-def _session(path, threads):
+def _ort_model(path, threads):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -70,7 +70,7 @@ def cases(shape, reg, seg, paths, threads) -> dict:
         return run
 
     def ort_run(path, feed):
-        sess = _session(path, threads)
+        sess = _ort_model(path, threads)
         return lambda: sess.run(None, feed)
 
     return {

@@ -1,4 +1,4 @@
-"""Shared by test_export.py and test_deploy.py: the tiny trained run exported once per session."""
+"""Shared by test_export.py and test_deploy.py: the tiny trained run exported once per test run."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,7 @@ _EXPORTS = {}
 
 
 def exported_run(base, warp="gridsample"):
-    """(datalist, run_dir, onnx_dir) for the session's tiny run (see _synth.tiny_run)."""
+    """(datalist, run_dir, onnx_dir) for the test run's tiny run (see _synth.tiny_run)."""
     key = (str(base), warp)
     if key not in _EXPORTS:
         from deepatlas_fast.deploy.export import export_run

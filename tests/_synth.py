@@ -66,7 +66,7 @@ _RUNS = {}
 
 
 def tiny_run(base, stage="all", **steps):
-    """A trained tiny run on a synthetic dataset under ``base`` (built once per test session)."""
+    """A trained tiny run on a synthetic dataset under ``base`` (built once per test run)."""
     key = (str(base), stage, tuple(sorted(steps.items())))
     if key not in _RUNS:
         from deepatlas_fast.training.trainer import train

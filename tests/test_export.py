@@ -20,7 +20,7 @@ DATA = Path(__file__).parent / "data"
 COMBOS = [(m, p) for m in ("linear", "nearest") for p in ("zeros", "border")]
 
 
-def _session(path):
+def _ort_model(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
@@ -43,7 +43,7 @@ def test_warp_exports_as_standard_onnx_ops(tmp_path, impl):
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert _domains(path) <= {"", "ai.onnx"}, "the warp must not need a custom domain"
     assert ("GridSample" in ops) == (impl == "gridsample") and ("GatherElements" in ops) == (impl == "gather")
-    sess = _session(path)
+    sess = _ort_model(path)
     # dynamic batch and grids; the displacement grid may differ from the image's (output takes it)
     for ishape, dshape in [((1, 2, 12, 16, 20), (12, 16, 20)), ((3, 2, 8, 12, 16), (16, 8, 12))]:
         image = torch.rand(ishape)
@@ -76,7 +76,7 @@ def test_reg_parity_random_nets_and_shapes_gather(tmp_path):
     path = tmp_path / "reg.onnx"
     export_module(RegGraph(net), (torch.rand(2, 1, 8, 8, 8), torch.rand(2, 1, 8, 8, 8)), path,
                   input_names=["moving", "target"], output_names=["disp", "warped"], multiple=net.multiple, warp="gather")
-    sess = _session(path)
+    sess = _ort_model(path)
     real = [torch.from_numpy(_real(f"oasis_{s}_T1_4mm.nii.gz"))[None, None] for s in "ab"]
     for m, t in [(torch.rand(1, 1, 16, 20, 24), torch.rand(1, 1, 16, 20, 24)),
                  (torch.rand(2, 1, 28, 8, 12), torch.rand(2, 1, 28, 8, 12)), real]:
@@ -98,7 +98,7 @@ def test_diffeomorphic_reg_parity(tmp_path):
     with torch.no_grad():
         disp = net(m, t)
     assert disp.abs().max() > 1
-    d, w = _session(path).run(None, {"moving": m.numpy(), "target": t.numpy()})
+    d, w = _ort_model(path).run(None, {"moving": m.numpy(), "target": t.numpy()})
     assert np.abs(d - disp.numpy()).max() <= 1e-4 and np.abs(w - warp(m, disp).numpy()).max() <= 1e-4
 
 
@@ -118,7 +118,7 @@ def test_seg_parity_random_nets_and_shapes(tmp_path):
     path = tmp_path / "seg.onnx"
     export_module(SegGraph(net), (torch.rand(2, 1, 8, 8, 8),), path, input_names=["image"],
                   output_names=["logits", "labels"], multiple=net.multiple)
-    sess = _session(path)
+    sess = _ort_model(path)
     for shape in [(1, 1, 16, 24, 8), (3, 1, 8, 12, 20)]:
         x = torch.rand(shape)
         with torch.no_grad():
@@ -156,9 +156,9 @@ def test_export_run_files_metadata_and_real_brain_parity(tmp_path_factory):
         disp = run.reg_net(mov, tgt)
         ref_logits = run.seg_net(mov).numpy()
     assert disp.abs().max() > 0.5
-    d, w = _session(out / "reg.onnx").run(None, {"moving": mov.numpy(), "target": tgt.numpy()})
+    d, w = _ort_model(out / "reg.onnx").run(None, {"moving": mov.numpy(), "target": tgt.numpy()})
     assert np.abs(d - disp.numpy()).max() <= 1e-4 and np.abs(w - warp(mov, disp).numpy()).max() <= 1e-4
-    logits, labels = _session(out / "seg.onnx").run(None, {"image": mov.numpy()})
+    logits, labels = _ort_model(out / "seg.onnx").run(None, {"image": mov.numpy()})
     assert np.abs(logits - ref_logits).max() <= 1e-4
     _assert_same_labels(logits, labels, ref_logits)
 

@@ -339,6 +339,11 @@ def doc_block(results) -> str:
     return "\n".join(lines)
 
 
+def _structure_names() -> dict:
+    """Label value (str) -> structure name, from the shipped datalist."""
+    return json.loads(datalist_path().read_text()).get("labels", {})
+
+
 def update_doc_blocks(results, docs) -> None:
     """Replace the ``<!-- demo:PRESET:start/end -->`` block of each file in ``docs`` with
     ``doc_block``, and its ``demo:PRESET:structures`` block, where it has one, with the
@@ -346,7 +351,7 @@ def update_doc_blocks(results, docs) -> None:
     for doc in docs:
         replace_block(doc, f"demo:{results['preset']}", doc_block(results))
         if f"<!-- demo:{results['preset']}:structures:start -->" in Path(doc).read_text():
-            names = json.loads(datalist_path().read_text()).get("labels", {})
+            names = _structure_names()
             replace_block(doc, f"demo:{results['preset']}:structures", per_structure_table(results, names))
 
 
@@ -392,7 +397,7 @@ def _write_report(out: Path, results, per_seed):
         if Path(src).is_file():
             shutil.copyfile(src, rep / dst)
             figs.append((dst, caption))
-    names = json.loads(datalist_path().read_text()).get("labels", {})
+    names = _structure_names()
     p = results
     quick = p["preset"] == "quick"
     md = [f"# DeepAtlas one-shot demo, preset {p['preset']}"

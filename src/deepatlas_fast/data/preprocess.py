@@ -112,19 +112,14 @@ class Preprocessing:
         Upsamples one class at a time with a running argmax, so a 1 mm brain with 46 classes needs
         no [C, D, H, W] float array."""
         probs = logits.softmax(1)
-        best = best_cls = None
-        for c in range(probs.shape[1]):
-            p = self.upsample(probs[:, c:c + 1], shape)
-            if out_shape is not None and tuple(out_shape) != tuple(shape):
-                p = resample(p, out_shape)
-            p = p[0, 0]
-            if best is None:
-                best, best_cls = p, torch.zeros(p.shape, dtype=torch.int64)
-            else:
-                better = p > best
-                best = torch.where(better, p, best)
-                best_cls[better] = c
-        return self.labels.to_values(best_cls.cpu().numpy())
+
+        def class_volumes():
+            for c in range(probs.shape[1]):
+                p = self.upsample(probs[:, c:c + 1], shape)
+                if out_shape is not None and tuple(out_shape) != tuple(shape):
+                    p = resample(p, out_shape)
+                yield p[0, 0]
+        return self.labels.to_values(running_argmax(class_volumes()).cpu().numpy())
 
 
 def resample(x: torch.Tensor, shape) -> torch.Tensor:
@@ -164,13 +159,19 @@ def downsample_labels(classes: torch.Tensor, f: int, num_classes: int) -> torch.
     """[D, H, W] class map -> the most frequent class of each f^3 block (one class at a time)."""
     if f == 1:
         return classes
+    return running_argmax(_pool((classes == c).float()[None, None], f)[0, 0] for c in range(num_classes))
+
+
+def running_argmax(volumes) -> torch.Tensor:
+    """Voxel-wise index of the largest of the volumes an iterable yields (the first on ties),
+    holding one volume at a time besides the running maximum: an argmax over classes without a
+    [C, D, H, W] array."""
     best = best_cls = None
-    for c in range(num_classes):
-        frac = _pool((classes == c).float()[None, None], f)[0, 0]
+    for c, v in enumerate(volumes):
         if best is None:
-            best, best_cls = frac, torch.zeros(frac.shape, dtype=torch.int64)
+            best, best_cls = v, torch.zeros(v.shape, dtype=torch.int64, device=v.device)
         else:
-            better = frac > best
-            best = torch.where(better, frac, best)
+            better = v > best
+            best = torch.where(better, v, best)
             best_cls[better] = c
     return best_cls

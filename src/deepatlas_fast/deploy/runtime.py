@@ -7,7 +7,7 @@
     model.register_file("mov.nii.gz", "tgt.nii.gz", "warped.nii.gz", labels="mov_seg.nii.gz",
                         labels_out="warped_seg.nii.gz", disp_out="disp.nii.gz")
 
-``OnnxRun`` is an ``inference.run.Run`` whose two networks are ONNX Runtime sessions: segment, register and
+``OnnxRun`` is an ``inference.run.Run`` whose two networks run in ONNX Runtime: segment, register and
 the ``*_file`` methods are the PyTorch path's own code, so pre- and post-processing are the same
 by construction (``data.preprocess.Preprocessing``, rebuilt from the models' metadata): percentile
 normalisation, downsampling and padding before the nets; upsampling of logits / displacement,
@@ -17,7 +17,7 @@ and labels by the upsampled displacement uses the package's warp op, as in the P
 
 Execution providers: ``providers=None`` takes CUDA first when onnxruntime-gpu is installed and
 exposes it, then CPU; ORT silently falls back to CPU when the CUDA EP cannot start (no GPU, missing
-CUDA/cuDNN libraries), so ``model.providers`` reports what the sessions actually use.
+CUDA/cuDNN libraries), so ``model.providers`` reports what the models actually run on.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def default_providers(device: str | None = None) -> list:
 
 
 def read_metadata(model, path) -> dict:
-    """deepatlas_fast metadata of an ONNX ModelProto / session, JSON values decoded."""
+    """deepatlas_fast metadata of an ONNX ModelProto / loaded ONNX Runtime model, JSON values decoded."""
     props = model.get_modelmeta().custom_metadata_map if hasattr(model, "get_modelmeta") else \
         {p.key: p.value for p in model.metadata_props}
     meta = {k[len(META):]: v for k, v in props.items() if k.startswith(META)}
@@ -86,20 +86,20 @@ def read_metadata(model, path) -> dict:
 
 
 class _OrtNet:
-    """An ORT session called like the torch net it replaces: float32 tensors in, first output out."""
+    """An ONNX Runtime model called like the torch net it replaces: float32 tensors in, first output out."""
 
-    def __init__(self, session, inputs, output):
-        self.session, self.inputs, self.output = session, list(inputs), output
+    def __init__(self, runner, inputs, output):
+        self.runner, self.inputs, self.output = runner, list(inputs), output
 
     def __call__(self, *tensors):
         feed = {n: np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32) for n, t in zip(self.inputs, tensors)}
-        return torch.from_numpy(self.session.run([self.output], feed)[0])
+        return torch.from_numpy(self.runner.run([self.output], feed)[0])
 
     def eval(self):
         return self
 
 
-def _session(path, kind, providers):
+def _load_model(path, kind, providers):
     ort = _ort()
     path = Path(path)
     if not path.is_file():
@@ -134,8 +134,8 @@ class OnnxRun(Run):
         if not onnx_dir.is_dir():
             raise FileNotFoundError(f"no such directory: {onnx_dir} (write it with `deepatlas-fast export`)")
         providers = providers or default_providers(device)
-        seg, seg_meta = _session(onnx_dir / "seg.onnx", "seg", providers)
-        reg, reg_meta = _session(onnx_dir / "reg.onnx", "reg", providers)
+        seg, seg_meta = _load_model(onnx_dir / "seg.onnx", "seg", providers)
+        reg, reg_meta = _load_model(onnx_dir / "reg.onnx", "reg", providers)
         for key in ("preprocessing", "export_id"):
             if seg_meta.get(key) != reg_meta.get(key):
                 raise DataError(f"{onnx_dir}: seg.onnx and reg.onnx come from different exports ({key} differs); "
@@ -150,7 +150,7 @@ class OnnxRun(Run):
         self.device = torch.device("cpu")  # pre/post-processing; the nets run where ORT puts them
         self.seg_net = _OrtNet(seg, ["image"], "logits")
         self.reg_net = _OrtNet(reg, ["moving", "target"], "disp")
-        self.sessions = {"seg": seg, "reg": reg}
+        self.runners = {"seg": seg, "reg": reg}
         self.source = str(onnx_dir)
         self.stage = self.step = self.completed = None
         if providers[0] != "CPUExecutionProvider" and self.providers[0] == "CPUExecutionProvider":
@@ -158,8 +158,8 @@ class OnnxRun(Run):
 
     @property
     def providers(self) -> list:
-        """Execution providers the sessions actually use, in priority order."""
-        return self.sessions["seg"].get_providers()
+        """Execution providers the models actually use, in priority order."""
+        return self.runners["seg"].get_providers()
 
 
 def load_onnx(onnx_dir, *, device: str | None = None, providers=None) -> OnnxRun:
