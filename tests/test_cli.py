@@ -128,3 +128,34 @@ def test_segment_resamples_an_image_of_another_voxel_size(tmp_path_factory, tmp_
     seen.clear()
     assert np.array_equal(run.segment(img, spacing=run.prep.spacing), run.segment(img))
     assert seen == [run.prep.net_shape(img.shape)] * 2
+
+
+def test_register_refine_round_trip_and_bad_input(tmp_path_factory, tmp_path, capsys):
+    """--refine keeps the target's affine and the label values, changes F_R's field, and bad
+    requests (N < 0, with --onnx, labels on another affine) fail with one line and write nothing."""
+    from deepatlas_fast.inference.run import load_run
+    dl, run = tiny_run(tmp_path_factory.getbasetemp())
+    data = Path(dl).parent
+    base = [str(data / "img0.nii.gz"), str(data / "img1.nii.gz")]
+    labs = ["--labels", str(data / "seg0.nii.gz")]
+    assert main(["register", "--run", str(run), *base, "-o", str(tmp_path / "w.nii.gz"), *labs,
+                 "--labels-out", str(tmp_path / "wl.nii.gz"), "--refine", "3"]) == 0
+    wl, waff = load_nifti(tmp_path / "wl.nii.gz", label=True)
+    tshape, taff, _ = load_header(data / "img1.nii.gz")
+    assert wl.shape == tshape and np.allclose(waff, taff) and set(np.unique(wl)) <= set(LABEL_VALUES)
+    model = load_run(run)
+    mov, tgt = load_nifti(data / "img0.nii.gz")[0], load_nifti(data / "img1.nii.gz")[0]
+    plain, refined = model.register(mov, tgt)["disp"], model.register(mov, tgt, refine=3)["disp"]
+    assert not np.allclose(plain, refined) and np.isfinite(refined).all()
+    assert np.array_equal(refined, model.register(mov, tgt, refine=3)["disp"])  # deterministic
+
+    assert main(["register", "--run", str(run), *base, "-o", str(tmp_path / "a.nii.gz"), "--refine", "-1"]) == 2
+    assert main(["register", "--onnx", str(tmp_path), *base, "-o", str(tmp_path / "a.nii.gz"), "--refine", "2"]) == 2
+    seg, aff = load_nifti(data / "seg0.nii.gz", label=True)
+    aff = aff.copy()
+    aff[:3, 3] += 7.0
+    save_nifti(tmp_path / "moved_seg.nii.gz", seg.astype(np.int16), aff)
+    assert main(["register", "--run", str(run), *base, "-o", str(tmp_path / "a.nii.gz"), "--labels",
+                 str(tmp_path / "moved_seg.nii.gz"), "--labels-out", str(tmp_path / "al.nii.gz")]) == 2
+    assert "not on the grid of the moving image" in capsys.readouterr().err
+    assert not (tmp_path / "a.nii.gz").exists() and not (tmp_path / "al.nii.gz").exists()

@@ -63,12 +63,13 @@ def test_cli_onnx_matches_cli_run_and_keeps_affine(exported, tmp_path):
     aff[:3, 3] = [-10.0, 5.0, 3.5]
     save_nifti(tmp_path / "in.nii.gz", img, aff)
     save_nifti(tmp_path / "tgt.nii.gz", load_nifti(data / "img1.nii.gz")[0], aff)
+    save_nifti(tmp_path / "seg.nii.gz", load_nifti(data / "seg0.nii.gz", label=True)[0].astype(np.int16), aff)
     res = {}
     for src in ("run", "onnx"):
         where = str(out if src == "onnx" else run_dir)
         assert main(["segment", f"--{src}", where, str(tmp_path / "in.nii.gz"), "-o", str(tmp_path / f"s_{src}.nii.gz")]) == 0
         assert main(["register", f"--{src}", where, str(tmp_path / "in.nii.gz"), str(tmp_path / "tgt.nii.gz"),
-                     "-o", str(tmp_path / f"w_{src}.nii.gz"), "--labels", str(data / "seg0.nii.gz"),
+                     "-o", str(tmp_path / f"w_{src}.nii.gz"), "--labels", str(tmp_path / "seg.nii.gz"),
                      "--labels-out", str(tmp_path / f"wl_{src}.nii.gz"), "--disp-out", str(tmp_path / f"d_{src}.nii.gz")]) == 0
         res[src] = {k: load_nifti(tmp_path / f"{k}_{src}.nii.gz", label=k in ("s", "wl")) for k in ("s", "w", "wl")}
         disp = nib.load(str(tmp_path / f"d_{src}.nii.gz"))  # (D, H, W, 3): not a load_nifti volume

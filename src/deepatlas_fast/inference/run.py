@@ -26,6 +26,7 @@ from ..nn.nets import build_nets
 from ..ops import warp
 from ..data.preprocess import Preprocessing, resample
 from ..training.checkpoint import latest_checkpoint, load_checkpoint
+from .refine import RefineSettings, refine as refine_field
 
 
 class Run:
@@ -70,14 +71,22 @@ class Run:
         return self.prep.logits_to_labels(self.seg_net(x).cpu(), work, out_shape=shape)
 
     @torch.no_grad()
-    def register(self, moving: np.ndarray, target: np.ndarray, moving_labels: np.ndarray | None = None) -> dict:
+    def register(self, moving: np.ndarray, target: np.ndarray, moving_labels: np.ndarray | None = None, *,
+                 refine: int | RefineSettings | None = None, progress: bool = False) -> dict:
         """Warp ``moving`` onto ``target`` (same grid). Returns warped (moving's intensities),
-        disp [3, D, H, W] (voxels, original grid) and warped_labels (original values) if labels given."""
+        disp [3, D, H, W] (voxels, original grid) and warped_labels (original values) if labels given.
+
+        ``refine``: iterations per level of test-time refinement of F_R's field (the run config's
+        ``refine`` section gives the other settings), or full ``RefineSettings``; None or 0: F_R alone."""
         if moving.shape != target.shape:
             raise DataError(f"moving {moving.shape} and target {target.shape} must share one grid (pre-align them first)")
+        settings = self.refine_settings(refine)
         m = self.prep.image(moving, name="moving").to(self.device)
         t = self.prep.image(target, name="target").to(self.device)
-        disp = self.prep.disp_to_original(self.reg_net(m, t).cpu(), moving.shape)
+        u = self.reg_net(m, t)
+        if settings.iterations > 0:
+            u = refine_field(m, t, u, settings, progress=progress)
+        disp = self.prep.disp_to_original(u.cpu(), moving.shape)
         out = {"disp": disp[0].numpy(),
                "warped": warp(torch.from_numpy(np.asarray(moving, np.float32))[None, None], disp)[0, 0].numpy()}
         if moving_labels is not None:
@@ -87,6 +96,12 @@ class Run:
             wl = warp(cls[None, None].float(), disp, mode="nearest")[0, 0].round().long()
             out["warped_labels"] = self.labels.to_values(wl.numpy())
         return out
+
+    def refine_settings(self, refine: int | RefineSettings | None) -> RefineSettings:
+        """The run config's ``refine`` section with ``refine`` iterations (or the given settings)."""
+        if isinstance(refine, RefineSettings):
+            return refine
+        return RefineSettings.from_dict(self.config.get("refine"), iterations=refine if refine is not None else 0)
 
     # -- files
     def segment_file(self, image_path, out_path) -> Path:
@@ -100,7 +115,8 @@ class Run:
                   f"at {tuple(self.prep.spacing)} mm: segmenting it resampled to {work} voxels", file=sys.stderr)
         return save_nifti(out_path, self.segment(img, spacing), affine)
 
-    def register_file(self, moving_path, target_path, out_path, *, labels=None, labels_out=None, disp_out=None) -> dict:
+    def register_file(self, moving_path, target_path, out_path, *, labels=None, labels_out=None, disp_out=None,
+                      refine=None, progress=False) -> dict:
         mov, maff = load_nifti(moving_path)
         tgt, taff = load_nifti(target_path)
         if mov.shape != tgt.shape or not np.allclose(maff, taff, atol=1e-3):
@@ -110,9 +126,11 @@ class Run:
         lab = None
         if labels is not None:
             lab, laff = load_nifti(labels, label=True)
-            if lab.shape != mov.shape:
-                raise DataError(f"{labels}: shape {lab.shape} differs from the moving image {mov.shape}")
-        res = self.register(mov, tgt, lab)
+            if lab.shape != mov.shape or not np.allclose(laff, maff, atol=1e-3):
+                raise DataError(f"{labels}: not on the grid of the moving image {moving_path} (shape {lab.shape} vs "
+                                f"{mov.shape}, or another affine)")
+        settings = self.refine_settings(refine)  # bad settings fail before any work
+        res = self.register(mov, tgt, lab, refine=settings, progress=progress)
         # the warped moving image lives on the target grid: write it with the target's affine
         save_nifti(out_path, res["warped"], taff, dtype=np.float32)
         if labels_out is not None:

@@ -1,5 +1,5 @@
 """deepatlas-fast register (--run RUN_DIR | --onnx ONNX_DIR) MOVING TARGET -o WARPED [--labels L --labels-out LO]
-[--disp-out D]"""
+[--disp-out D] [--refine N]"""
 from __future__ import annotations
 
 from ...errors import DeepAtlasError
@@ -15,6 +15,9 @@ def add_arguments(p):
     p.add_argument("--labels", help="label map of the moving image, to warp along")
     p.add_argument("--labels-out", help="warped moving labels (original label values)")
     p.add_argument("--disp-out", help="displacement field, shape (D, H, W, 3), voxels, i/j/k order")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="refine F_R's field for N Adam iterations per level (test-time optimisation; "
+                        "PyTorch runs only, the run config's refine section gives the other settings)")
     p.add_argument("--device", help="PyTorch device (default cpu); with --onnx: auto (CUDA EP if available, "
                                     "else CPU), cpu, cuda or cuda:N")
 
@@ -22,6 +25,10 @@ def add_arguments(p):
 def run(args) -> int:
     if (args.labels is None) != (args.labels_out is None):
         raise DeepAtlasError("--labels and --labels-out go together")
+    if args.refine < 0:
+        raise DeepAtlasError(f"--refine must be >= 0, got {args.refine}")
+    if args.onnx is not None and args.refine:
+        raise DeepAtlasError("--refine needs gradients, which an ONNX model does not give: use --run")
     if args.onnx is not None:
         from ...deploy.runtime import load_onnx
         model = load_onnx(args.onnx, device=args.device)
@@ -30,7 +37,8 @@ def run(args) -> int:
         from ...inference.run import load_run
         model, where = load_run(args.run, device=args.device or "cpu"), ""
     model.register_file(args.moving, args.target, args.output, labels=args.labels,
-                        labels_out=args.labels_out, disp_out=args.disp_out)
+                        labels_out=args.labels_out, disp_out=args.disp_out,
+                        **({"refine": args.refine} if args.refine else {}))
     print(f"wrote {args.output}" + (f", {args.labels_out}" if args.labels_out else "")
           + (f", {args.disp_out}" if args.disp_out else "") + where)
     return 0
