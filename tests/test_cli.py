@@ -159,3 +159,11 @@ def test_register_refine_round_trip_and_bad_input(tmp_path_factory, tmp_path, ca
                  str(tmp_path / "moved_seg.nii.gz"), "--labels-out", str(tmp_path / "al.nii.gz")]) == 2
     assert "not on the grid of the moving image" in capsys.readouterr().err
     assert not (tmp_path / "a.nii.gz").exists() and not (tmp_path / "al.nii.gz").exists()
+
+
+@pytest.mark.parametrize("bad", [["--max-pairs", "-1"], ["--structures", "0"], ["--structures", ""],
+                                 ["--structures", "2,0"]])
+def test_evaluate_refuses_bad_counts_and_structures_before_any_work(tmp_path, capsys, bad):
+    assert main(["evaluate", "--run", str(tmp_path / "no_run"), *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("--max-pairs" in err or "--structures" in err)

@@ -23,8 +23,10 @@ def run(args) -> int:
 
     from ...inference.evaluation import evaluate
     from ...data.io import LabelTable
+    if args.max_pairs < 0:
+        raise DeepAtlasError(f"--max-pairs must be >= 0, got {args.max_pairs}")
     structures = None
-    if args.structures:
+    if args.structures is not None:
         if Path(args.structures).is_file():
             structures = [v for v in LabelTable.from_file(args.structures).values if v]
         else:
@@ -33,6 +35,9 @@ def run(args) -> int:
             except ValueError:
                 raise DeepAtlasError(f"--structures: a file or a comma-separated list of label values, "
                                      f"got {args.structures!r}") from None
+        if not structures or 0 in structures:
+            raise DeepAtlasError(f"--structures: label values of structures, background (0) excluded, "
+                                 f"got {args.structures!r}")
     s = evaluate(args.run, args.data, split=args.split, out_dir=args.out, structures=structures,
                  max_pairs=args.max_pairs, figures=not args.no_figures, progress=not args.no_progress)
     short = {k: (None if s[k] is None else {kk: vv for kk, vv in s[k].items() if kk != "per_structure"})
