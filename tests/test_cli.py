@@ -149,8 +149,11 @@ def test_register_refine_round_trip_and_bad_input(tmp_path_factory, tmp_path, ca
     assert not np.allclose(plain, refined) and np.isfinite(refined).all()
     assert np.array_equal(refined, model.register(mov, tgt, refine=3)["disp"])  # deterministic
 
+    capsys.readouterr()
     assert main(["register", "--run", str(run), *base, "-o", str(tmp_path / "a.nii.gz"), "--refine", "-1"]) == 2
+    assert "refine.iterations must be an integer >= 0" in capsys.readouterr().err
     assert main(["register", "--onnx", str(tmp_path), *base, "-o", str(tmp_path / "a.nii.gz"), "--refine", "2"]) == 2
+    assert "--refine needs gradients" in capsys.readouterr().err
     seg, aff = load_nifti(data / "seg0.nii.gz", label=True)
     aff = aff.copy()
     aff[:3, 3] += 7.0

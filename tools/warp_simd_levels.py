@@ -8,7 +8,7 @@ gradients, image gradient only, displacement gradient only) and the backward of 
 location-gradient forward (warp_backward_with_loc_grad)
 at each DEEPATLAS_FAST_SIMD level (0: scalar code, avx2: AVX2 rows, 1: the best rows the CPU
 runs; the kernels read the variable at every call). The levels are timed in alternating rounds
-after warm-up rounds (this VM's speed drifts within a run); each level's results are checked
+after warm-up rounds (a shared host's speed can drift within a run); each level's results are checked
 to be bit-identical to the first level's. Prints the median per case and level (ms).
 """
 from __future__ import annotations

@@ -76,7 +76,7 @@ class Preprocessing:
     def image(self, array: np.ndarray, *, name: str = "image") -> torch.Tensor:
         """Original image (3D array) -> normalised, downsampled, padded tensor [1, 1, D, H, W]."""
         x = torch.from_numpy(normalise(array, self.percentiles, name=name))[None, None]
-        return self._pad(_pool(x, self.downsample))
+        return self._pad(pool(x, self.downsample))
 
     def label(self, array: np.ndarray, *, name: str = "label map") -> torch.Tensor:
         """Original label map -> class indices [1, 1, D, H, W] (int64) on the network grid."""
@@ -147,11 +147,13 @@ def normalise(array: np.ndarray, percentiles=(0.5, 99.5), *, name: str = "image"
     return np.clip((a - lo) / (hi - lo), 0, 1).astype(np.float32)
 
 
-def _pool(x: torch.Tensor, f: int) -> torch.Tensor:
+def pool(x: torch.Tensor, f: int, padding: str = "constant") -> torch.Tensor:
+    """[B, C, D, H, W] -> mean of each f^3 block; sides padded to a multiple of f with zeros
+    ("constant") or the edge voxels ("replicate")."""
     if f == 1:
         return x
     pad = [(-s) % f for s in x.shape[2:]]
-    x = F.pad(x, [0, pad[2], 0, pad[1], 0, pad[0]])
+    x = F.pad(x, [0, pad[2], 0, pad[1], 0, pad[0]], mode=padding)
     return F.avg_pool3d(x, f)
 
 
@@ -159,7 +161,7 @@ def downsample_labels(classes: torch.Tensor, f: int, num_classes: int) -> torch.
     """[D, H, W] class map -> the most frequent class of each f^3 block (one class at a time)."""
     if f == 1:
         return classes
-    return running_argmax(_pool((classes == c).float()[None, None], f)[0, 0] for c in range(num_classes))
+    return running_argmax(pool((classes == c).float()[None, None], f)[0, 0] for c in range(num_classes))
 
 
 def running_argmax(volumes) -> torch.Tensor:

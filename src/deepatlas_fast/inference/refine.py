@@ -22,14 +22,16 @@ PyTorch feature (no ONNX graph).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
+from ..data.preprocess import pool
 from ..errors import ConfigError, DataError
 from ..nn.losses import dice_loss, gradient_l2, lncc_loss
 from ..ops import warp
+from ..training.trainer import one_hot
 
 
 @dataclass
@@ -84,14 +86,8 @@ class RefineSettings:
 
 
 # -- grids -----------------------------------------------------------------------------------
-def pool(x: torch.Tensor, f: int) -> torch.Tensor:
-    """[B, C, D, H, W] -> average over f^3 blocks (edge-replicated to a multiple of f)."""
-    if f == 1:
-        return x
-    pad = [(-s) % f for s in x.shape[2:]]
-    x = F.pad(x, [0, pad[2], 0, pad[1], 0, pad[0]], mode="replicate")
-    return F.avg_pool3d(x, f)
-
+def _pool(x: torch.Tensor, f: int) -> torch.Tensor:
+    return pool(x, f, padding="replicate")  # edges replicated: a zero pad would bias the LNCC
 
 def rescale_field(u: torch.Tensor, shape, ratio: float) -> torch.Tensor:
     """A displacement [B, 3, ...] in voxels of one grid -> grid ``shape`` whose voxels are
@@ -99,7 +95,7 @@ def rescale_field(u: torch.Tensor, shape, ratio: float) -> torch.Tensor:
     if tuple(u.shape[2:]) == tuple(shape):
         return u / ratio
     if ratio > 1:  # to a coarser grid
-        return pool(u, int(round(ratio)))[:, :, :shape[0], :shape[1], :shape[2]] / ratio
+        return _pool(u, int(round(ratio)))[:, :, :shape[0], :shape[1], :shape[2]] / ratio
     f = int(round(1 / ratio))
     up = F.interpolate(u, scale_factor=f, mode="trilinear", align_corners=False)
     return up[:, :, :shape[0], :shape[1], :shape[2]] / ratio
@@ -111,10 +107,6 @@ def exp_velocity(v: torch.Tensor, squarings: int) -> torch.Tensor:
     for _ in range(squarings):
         u = u + warp(u, u, padding="border")
     return u
-
-
-def _one_hot(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return F.one_hot(classes[:, 0].long(), num_classes).permute(0, 4, 1, 2, 3).float()
 
 
 # -- refinement ------------------------------------------------------------------------------
@@ -150,7 +142,7 @@ def refine(moving: torch.Tensor, target: torch.Tensor, init: torch.Tensor | None
     prev_f = None
     with torch.enable_grad():
         for f in s.levels:
-            m, t = pool(moving, f), pool(target, f)
+            m, t = _pool(moving, f), _pool(target, f)
             lshape = tuple(m.shape[2:])
             base = rescale_field(init, lshape, f)
             if s.diffeomorphic:  # v starts at 0 on the coarsest level, then from the coarser v
@@ -159,8 +151,8 @@ def refine(moving: torch.Tensor, target: torch.Tensor, init: torch.Tensor | None
                 p0 = base if state is None else rescale_field(state, lshape, f / prev_f)
             param = p0.clone().requires_grad_(True)
             if use_labels:
-                ml = pool(_one_hot(moving_labels, num_classes), f)
-                tl = pool(_one_hot(target_labels, num_classes), f)
+                ml = _pool(one_hot(moving_labels.long(), num_classes), f)
+                tl = _pool(one_hot(target_labels.long(), num_classes), f)
             opt = torch.optim.Adam([param], lr=s.lr)
             for _ in range(s.iterations):
                 opt.zero_grad(set_to_none=True)

@@ -25,8 +25,6 @@ def add_arguments(p):
 def run(args) -> int:
     if (args.labels is None) != (args.labels_out is None):
         raise DeepAtlasError("--labels and --labels-out go together")
-    if args.refine < 0:
-        raise DeepAtlasError(f"--refine must be >= 0, got {args.refine}")
     if args.onnx is not None and args.refine:
         raise DeepAtlasError("--refine needs gradients, which an ONNX model does not give: use --run")
     if args.onnx is not None:
@@ -37,8 +35,7 @@ def run(args) -> int:
         from ...inference.run import load_run
         model, where = load_run(args.run, device=args.device or "cpu"), ""
     model.register_file(args.moving, args.target, args.output, labels=args.labels,
-                        labels_out=args.labels_out, disp_out=args.disp_out,
-                        **({"refine": args.refine} if args.refine else {}))
+                        labels_out=args.labels_out, disp_out=args.disp_out, refine=args.refine)
     print(f"wrote {args.output}" + (f", {args.labels_out}" if args.labels_out else "")
           + (f", {args.disp_out}" if args.disp_out else "") + where)
     return 0
