@@ -63,7 +63,7 @@ def test_demo_quick(tmp_path, capsys):
         assert 0 <= r["mean"] <= 1 and r["std"] >= 0 and r["n"] >= 1 and 0 <= r["below"] <= 27, name
         assert name in printed
         if r["group"] == "reg" and name != "no registration (affine only)":
-            assert 0 <= r["folding"] <= 1
+            assert 0 <= r["folding"] <= 1 and r["seconds_per_pair"] > 0
     # quick: test images oasis_b and synth_17, one atlas (oasis_a)
     dl = json.loads(datalist_path().read_text())
     a, b = (np.asarray(nib.load(str(ROOT / e["label"])).dataobj) for e in dl["test"][:2])
@@ -83,6 +83,7 @@ def test_demo_quick(tmp_path, capsys):
     pngs = sorted(p.name for p in (out / "report").glob("*.png"))
     assert len(pngs) >= 5 and all(f"]({p})" in report for p in pngs)
     assert "| DA (reg) |" in report and "Left-Hippocampus (17)" in report
+    assert "`register --refine 2`" in report and res["refine"] == 2
     text = doc.read_text()
     assert text.startswith("before\n<!-- demo:quick:start -->\nPreset `quick`, test split, seed 0: ")
     assert text.endswith("<!-- demo:quick:end -->\nafter\n")

@@ -138,3 +138,19 @@ def test_malformed_and_mismatched_models_are_clear_errors(exported, tmp_path):
         load_onnx(d)
     # through the CLI: one line, exit code 2
     assert main(["segment", "--onnx", str(d), str(DATA / "oasis_a_T1_4mm.nii.gz"), "-o", str(tmp_path / "x.nii.gz")]) == 2
+
+
+def test_atlas_segmentation_with_onnx_matches_pytorch(exported, tmp_path):
+    """segment --atlas through reg.onnx (+ seg.onnx with net+atlas) gives the PyTorch run's labels."""
+    data, _, _, out, run_dir = exported
+    (tmp_path / "atlases.json").write_text(json.dumps({"training": [
+        {"image": str(data / f"img{k}.nii.gz"), "label": str(data / f"seg{k}.nii.gz")} for k in (0, 1)]}))
+    img = str(data / "img2.nii.gz")
+    seg = {}
+    for src in ("run", "onnx"):
+        where = str(out if src == "onnx" else run_dir)
+        assert main(["segment", f"--{src}", where, img, "-o", str(tmp_path / f"a_{src}.nii.gz"), "--atlas",
+                     str(tmp_path / "atlases.json"), "--fuse", "net+atlas", "--weighting", "lncc", "--no-progress"]) == 0
+        seg[src], aff = load_nifti(tmp_path / f"a_{src}.nii.gz", label=True)
+        assert np.allclose(aff, load_nifti(img)[1]) and set(np.unique(seg[src])) <= set(LABEL_VALUES)
+    assert (seg["onnx"] == seg["run"]).mean() > 0.999

@@ -94,7 +94,45 @@ def test_evaluate_atlas_rows(tmp_path_factory):
     b = load_nifti(root / "seg5.nii.gz", label=True)[0]
     assert float(copy[0]["7"]) == pytest.approx(dice_per_class(a, b, [7])[0], abs=1e-4)
     assert s["atlas_copy"]["n"] == s["atlas_reg"]["n"] == 1 and 0 <= s["atlas_reg"]["mean"] <= 1
+    # the fused rows are the run's own atlas segmentation of each image
+    from deepatlas_fast.inference.run import load_run
+    model = load_run(run)
+    img5 = load_nifti(root / "img5.nii.gz")[0]
+    atlas_arrays = [(load_nifti(root / "img0.nii.gz")[0], a)]
+    for name, fuse in (("dice_atlas_fused.csv", "atlas"), ("dice_net_atlas.csv", "net+atlas")):
+        row = list(csv.DictReader(open(out / name)))
+        assert len(row) == 1 and row[0]["image"] == "img5"
+        want = dice_per_class(model.segment_atlas(img5, atlas_arrays, fuse=fuse), b, [7, 42])
+        assert [float(row[0][k]) for k in ("7", "42")] == pytest.approx(want.tolist(), abs=1e-4)
+    assert s["atlas_fused"]["n"] == s["net_atlas"]["n"] == 1
     with pytest.raises(ValueError, match="label map"):
         evaluate(run, dl, split="validation", out_dir=out, atlases=[{"image": atlas["image"]}], progress=False)
     with pytest.raises(ValueError, match="max_pairs"):
         evaluate(run, dl, split="validation", out_dir=out, max_pairs=-1, progress=False)
+
+
+def test_evaluate_refined_rows(tmp_path_factory):
+    """``refine``: the pairs scored again with F_R's field refined, with folding and time per pair;
+    the refined row equals the run's own refined registration of the pair."""
+    from deepatlas_fast.inference.run import load_run
+    dl, run = tiny_run(tmp_path_factory.getbasetemp())
+    out = tmp_path_factory.mktemp("eval_refine")
+    s = evaluate(run, dl, split="training", out_dir=out, structures=[7, 42], max_pairs=2, refine=3,
+                 figures=False, progress=False)
+    rows = list(csv.DictReader(open(out / "dice_reg_refined.csv")))
+    plain = list(csv.DictReader(open(out / "dice_reg.csv")))
+    assert [(r["moving"], r["target"]) for r in rows] == [(r["moving"], r["target"]) for r in plain]
+    assert s["reg_refined"]["n"] == 2 and s["refine"]["iterations"] == 3
+    for key in ("reg", "reg_refined"):
+        assert 0 <= s[key]["folding_fraction"] <= 1 and s[key]["seconds_per_pair"] > 0
+    root = Path(dl).parent
+    mov = load_nifti(root / f"{rows[0]['moving']}.nii.gz")[0]
+    tgt = load_nifti(root / f"{rows[0]['target']}.nii.gz")[0]
+    lm = load_nifti(root / f"{rows[0]['moving'].replace('img', 'seg')}.nii.gz", label=True)[0]
+    lt = load_nifti(root / f"{rows[0]['target'].replace('img', 'seg')}.nii.gz", label=True)[0]
+    want = dice_per_class(load_run(run).register(mov, tgt, lm, refine=3)["warped_labels"], lt, [7, 42])
+    assert [float(rows[0][k]) for k in ("7", "42")] == pytest.approx(want.tolist(), abs=1e-4)
+    with pytest.raises(ValueError, match="refine.iterations"):
+        evaluate(run, dl, split="training", out_dir=out, refine=-1, progress=False)
+    with pytest.raises(ValueError, match="weighting"):
+        evaluate(run, dl, split="training", out_dir=out, weighting="vote", progress=False)

@@ -51,15 +51,17 @@ _COMMON = ["data.downsample=2", "loss.window=5", "loss.lambda_r=3", "model.seg_n
            "train.lr=1e-3", "train.k_reg=4", "train.k_seg=1", "loss.lambda_a=0.1", "loss.lambda_a_seg=1",
            "augment.enabled=true", "augment.flip=0.5", "train.checkpoint_every=100000", "train.log_every=10"]
 _STAGES = {"seg": ["train.lr=1e-2"], "semi-da": ["train.lr=3e-3"], "da": ["data.pairs.UU=0"]}
+# test-time refinement of DA's F_R (iterations per level, the run config's other refine settings)
+REFINE = 50
 FULL = {
     "overrides": _COMMON, "stage_overrides": _STAGES,
     "steps": {"seg": 400, "reg": 600, "semi-da": 400, "da": 200},
-    "seeds": [0], "max_pairs": 20, "n_test": None, "n_train": None,
+    "seeds": [0], "max_pairs": 20, "n_test": None, "n_train": None, "refine": REFINE,
 }
 LONG = {
     "overrides": _COMMON, "stage_overrides": _STAGES,
     "steps": {"seg": 500, "reg": 800, "semi-da": 600, "da": 300},
-    "seeds": [0, 1, 2], "max_pairs": 20, "n_test": None, "n_train": None,
+    "seeds": [0, 1, 2], "max_pairs": 20, "n_test": None, "n_train": None, "refine": REFINE,
 }
 # --quick checks the pipeline end to end (8 mm, small nets, a few steps); its numbers mean little.
 QUICK = {
@@ -69,7 +71,7 @@ QUICK = {
                   "augment.enabled=true", "augment.flip=0.5"],
     "stage_overrides": _STAGES,
     "steps": {"seg": 8, "reg": 8, "semi-da": 4, "da": 8},
-    "seeds": [0], "max_pairs": 2, "n_test": 2, "n_train": 5,
+    "seeds": [0], "max_pairs": 2, "n_test": 2, "n_train": 5, "refine": 2,
 }
 PRESETS = {"full": FULL, "long": LONG, "quick": QUICK}
 
@@ -83,10 +85,13 @@ ROWS = [
     ("F_S control (supervised, step-matched)", "seg-control", "dice_seg.csv", "seg"),
     ("Semi-DA (seg)", "semi-da", "dice_seg.csv", "seg"),
     ("DA (seg)", "da", "dice_seg.csv", "seg"),
+    ("atlas fused through DA's F_R, refined", "da", "dice_atlas_fused.csv", "seg"),
+    ("DA's F_S + atlas fused", "da", "dice_net_atlas.csv", "seg"),
     ("no registration (affine only)", "pretrained", "dice_unregistered.csv", "reg"),
     ("F_R baseline (unsupervised)", "pretrained", "dice_reg.csv", "reg"),
     ("F_R control (unsupervised, step-matched)", "reg-control", "dice_reg.csv", "reg"),
     ("DA (reg)", "da", "dice_reg.csv", "reg"),
+    ("DA (reg), refined per pair", "da", "dice_reg_refined.csv", "reg"),
 ]
 # (better?, than): paired comparisons reported with their p-values
 COMPARISONS = [
@@ -95,11 +100,16 @@ COMPARISONS = [
     ("DA (seg)", "atlas copy (no registration)"),
     ("Semi-DA (seg)", "F_S control (supervised, step-matched)"),
     ("DA (reg)", "F_R control (unsupervised, step-matched)"),
+    ("DA's F_S + atlas fused", "DA (seg)"),
+    ("DA's F_S + atlas fused", "atlas registered by DA's F_R"),
+    ("DA (reg), refined per pair", "DA (reg)"),
 ]
 LOW_DICE = 0.3
 _KEY = {"dice_seg.csv": ("image",), "dice_atlas_copy.csv": ("atlas", "image"),
         "dice_atlas_reg.csv": ("atlas", "image"), "dice_reg.csv": ("moving", "target"),
-        "dice_unregistered.csv": ("moving", "target")}
+        "dice_unregistered.csv": ("moving", "target"), "dice_reg_refined.csv": ("moving", "target"),
+        "dice_atlas_fused.csv": ("image",), "dice_net_atlas.csv": ("image",)}
+_SUMMARY_KEY = {"dice_reg.csv": "reg", "dice_reg_refined.csv": "reg_refined"}
 
 
 def _data(n_train, n_test, split) -> dict:
@@ -223,6 +233,7 @@ def run_demo(out_dir="deepatlas_demo", *, preset: str = "full", split: str = "te
             evaluate(runs[name], data, split="test", out_dir=evals[name],
                      max_pairs=0 if name in ("semi-da", "seg-control") else p["max_pairs"],  # F_R of pretrained
                      atlases=atlases if name in ("pretrained", "reg-control", "da") else None,
+                     refine=p["refine"] if name == "da" else 0,
                      figures=name in ("pretrained", "da"), progress=progress)
             times[f"seed {seed}: eval {name}"] = time.time() - t0
         per_seed.append(_seed_results(seed, runs, evals))
@@ -244,8 +255,10 @@ def _seed_results(seed, runs, evals) -> dict:
         items[method] = r
         stats = row_stats(r)
         stats["group"] = group
-        if csv_name == "dice_reg.csv":
-            stats["folding"] = json.loads((evals[run] / "summary.json").read_text())["reg"]["folding_fraction"]
+        if csv_name in _SUMMARY_KEY:
+            summary = json.loads((evals[run] / "summary.json").read_text())[_SUMMARY_KEY[csv_name]]
+            stats["folding"] = summary["folding_fraction"]
+            stats["seconds_per_pair"] = summary["seconds_per_pair"]
         rows[method] = stats
     comps = [{"a": a, "b": b, **paired_test(items[a], items[b])} for a, b in COMPARISONS]
     per_structure = {}
@@ -289,6 +302,7 @@ def _aggregate(per_seed, preset, split, control_steps, times, total) -> dict:
                "min": min(s["rows"][method]["min"] for s in per_seed)}
         if "folding" in per_seed[0]["rows"][method]:
             row["folding"] = float(np.mean([s["rows"][method]["folding"] for s in per_seed]))
+            row["seconds_per_pair"] = float(np.mean([s["rows"][method]["seconds_per_pair"] for s in per_seed]))
         rows.append(row)
     comps = []
     for i, (a, b) in enumerate(COMPARISONS):
@@ -300,6 +314,7 @@ def _aggregate(per_seed, preset, split, control_steps, times, total) -> dict:
                      for m, _, _, _ in ROWS}
     one_mm = [s.get("oasis_b_1mm") for s in per_seed if s.get("oasis_b_1mm")]
     return {"preset": preset, "split": split, "seeds": [s["seed"] for s in per_seed], "rows": rows,
+            "refine": PRESETS[preset]["refine"],
             "comparisons": comps, "per_structure": per_structure, "control_steps": control_steps,
             "oasis_b_1mm": one_mm, "seconds": times, "total_seconds": total}
 
@@ -308,14 +323,15 @@ def summary_table(results) -> str:
     multi = len(results["seeds"]) > 1
     head = (f"| method | mean Dice{' (mean of seeds)' if multi else ''} | "
             + ("spread over seeds | " if multi else "") + "std over images / pairs | "
-            f"structures < {LOW_DICE} | folding |")
-    lines = [head, "|---|---|" + ("---|" if multi else "") + "---|---|---|"]
+            f"structures < {LOW_DICE} | folding | s / pair |")
+    lines = [head, "|---|---|" + ("---|" if multi else "") + "---|---|---|---|"]
     for r in results["rows"]:
         spread = f" {r['seed_spread']:.3f} |" if multi else ""
         fold = f"{r['folding']:.5f}" if "folding" in r else ""
+        secs = f"{r['seconds_per_pair']:.1f}" if "seconds_per_pair" in r else ""
         unit = "images" if r["group"] == "seg" else "pairs"
         lines.append(f"| {r['method']} | {r['mean']:.3f} |{spread} {r['std']:.3f} (n={r['n']} {unit}) | "
-                     f"{r['below']} | {fold} |")
+                     f"{r['below']} | {fold} | {secs} |")
     lines += ["", "| comparison | mean difference | paired t-test p" + (" (per seed)" if multi else "")
               + " | wins |", "|---|---|---|---|"]
     for c in results["comparisons"]:
@@ -325,6 +341,18 @@ def summary_table(results) -> str:
     return "\n".join(lines)
 
 
+def refine_note(results) -> str:
+    from ..inference.refine import RefineSettings
+    if not results.get("refine"):
+        return ""
+    s = RefineSettings(iterations=results["refine"])
+    return (f"Refined rows: DA's F_R field optimised per pair (test-time, `register --refine {s.iterations}`): "
+            f"{s.iterations} Adam iterations at each of the levels {', '.join(map(str, s.levels))} (pooling of the "
+            f"training grid), 1 - LNCC + {s.lambda_r:g} x grad-L2, {'diffeomorphic ' if s.diffeomorphic else ''}"
+            "correction of F_R's field. 'atlas fused': the atlas's one-hot labels warped linearly; 'F_S + atlas': "
+            "that averaged with F_S's probabilities (`segment --atlas --fuse net+atlas`).")
+
+
 def doc_block(results) -> str:
     """What ``--update-doc`` writes: the run's facts, the summary table and the 1 mm check."""
     import torch
@@ -332,10 +360,12 @@ def doc_block(results) -> str:
     lines = [f"Preset `{results['preset']}`, {results['split']} split, seed{'s' if len(seeds) > 1 else ''} "
              f"{', '.join(map(str, seeds))}: {results['total_seconds'] / 60:.1f} min wall-clock on "
              f"{torch.get_num_threads()} CPU threads (training, controls and evaluation).", "",
-             summary_table(results)]
-    for r in results.get("oasis_b_1mm", []):
-        lines += ["", f"`segment` of the real `oasis_b` at 1 mm (another grid than training): Dice {r['dice_1mm']:.3f}; "
-                  f"the same subject at 2 mm: {r['dice_2mm']:.3f} (difference {r['diff']:+.3f})."]
+             summary_table(results)] + (["", refine_note(results)] if refine_note(results) else [])
+    one_mm = results.get("oasis_b_1mm", [])
+    if one_mm:
+        per = "; ".join(f"{r['dice_1mm']:.3f} vs {r['dice_2mm']:.3f}" for r in one_mm)
+        lines += ["", f"`segment` of the real `oasis_b` at 1 mm (another grid than training) vs the same subject at "
+                  f"2 mm, DA's F_S{' per seed' if len(one_mm) > 1 else ''}: Dice {per}."]
     return "\n".join(lines)
 
 
@@ -357,8 +387,10 @@ def update_doc_blocks(results, docs) -> None:
 
 def per_structure_table(results, names: dict) -> str:
     methods = ["atlas copy (no registration)", "atlas registered by the F_R control", "F_S control (supervised, step-matched)",
-               "DA (seg)", "F_R control (unsupervised, step-matched)", "DA (reg)"]
-    short = ["atlas copy", "atlas reg.", "F_S control", "DA (seg)", "F_R control", "DA (reg)"]
+               "DA (seg)", "DA's F_S + atlas fused", "F_R control (unsupervised, step-matched)", "DA (reg)",
+               "DA (reg), refined per pair"]
+    short = ["atlas copy", "atlas reg.", "F_S control", "DA (seg)", "F_S + atlas", "F_R control", "DA (reg)",
+             "DA (reg) refined"]
     lines = ["| structure | " + " | ".join(short) + " |", "|---|" + "---|" * len(short)]
     for s in results["per_structure"][methods[0]]:
         vals = [results["per_structure"][m][s] for m in methods]
@@ -408,7 +440,7 @@ def _write_report(out: Path, results, per_seed):
           "(worst seed). Controls: F_R trained "
           f"{p['control_steps']['reg']} more unsupervised steps, F_S {p['control_steps']['seg']} more supervised "
           "steps, as many as DeepAtlas gives each net after pretraining.", "",
-          summary_table(p), ""]
+          summary_table(p), ""] + ([refine_note(p), ""] if refine_note(p) else [])
     for r in p["oasis_b_1mm"]:
         md += [f"oasis_b at 1 mm (resampled for the net and back): Dice {r['dice_1mm']:.3f}, at 2 mm "
                f"{r['dice_2mm']:.3f} (difference {r['diff']:+.3f}).", ""]

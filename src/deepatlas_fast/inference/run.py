@@ -71,31 +71,57 @@ class Run:
         return self.prep.logits_to_labels(self.seg_net(x).cpu(), work, out_shape=shape)
 
     @torch.no_grad()
-    def register(self, moving: np.ndarray, target: np.ndarray, moving_labels: np.ndarray | None = None, *,
-                 refine: int | RefineSettings | None = None, progress: bool = False) -> dict:
-        """Warp ``moving`` onto ``target`` (same grid). Returns warped (moving's intensities),
-        disp [3, D, H, W] (voxels, original grid) and warped_labels (original values) if labels given.
+    def displacement(self, moving: np.ndarray, target: np.ndarray, *, refine: int | RefineSettings | None = None,
+                     net: bool = True, progress: bool = False) -> torch.Tensor:
+        """F_R's displacement of ``moving`` onto ``target`` (one grid) -> [1, 3, D, H, W] (voxels, that grid).
 
-        ``refine``: iterations per level of test-time refinement of F_R's field (the run config's
-        ``refine`` section gives the other settings), or full ``RefineSettings``; None or 0: F_R alone."""
+        ``refine``: iterations per level of test-time refinement (the run config's ``refine``
+        section gives the other settings), or full ``RefineSettings``; None or 0: F_R alone.
+        ``net=False``: no F_R; the refinement starts from zero (pure optimisation)."""
         if moving.shape != target.shape:
             raise DataError(f"moving {moving.shape} and target {target.shape} must share one grid (pre-align them first)")
         settings = self.refine_settings(refine)
+        if not net and settings.iterations == 0:
+            raise DeepAtlasError("without the net (net=False / --no-net) the field comes from the refinement: "
+                                 "give refine iterations > 0")
         m = self.prep.image(moving, name="moving").to(self.device)
         t = self.prep.image(target, name="target").to(self.device)
-        u = self.reg_net(m, t)
+        u = self.reg_net(m, t) if net else None
         if settings.iterations > 0:
             u = refine_field(m, t, u, settings, progress=progress)
-        disp = self.prep.disp_to_original(u.cpu(), moving.shape)
+        return self.prep.disp_to_original(u.cpu(), moving.shape)
+
+    @torch.no_grad()
+    def register(self, moving: np.ndarray, target: np.ndarray, moving_labels: np.ndarray | None = None, *,
+                 refine: int | RefineSettings | None = None, net: bool = True, progress: bool = False) -> dict:
+        """Warp ``moving`` onto ``target`` (same grid). Returns warped (moving's intensities),
+        disp [3, D, H, W] (voxels, original grid) and warped_labels (original values) if labels given.
+        ``refine`` and ``net``: see ``displacement``."""
+        if moving_labels is not None and moving_labels.shape != moving.shape:
+            raise DataError(f"moving labels {moving_labels.shape} and moving image {moving.shape} differ in shape")
+        disp = self.displacement(moving, target, refine=refine, net=net, progress=progress)
         out = {"disp": disp[0].numpy(),
                "warped": warp(torch.from_numpy(np.asarray(moving, np.float32))[None, None], disp)[0, 0].numpy()}
         if moving_labels is not None:
-            if moving_labels.shape != moving.shape:
-                raise DataError(f"moving labels {moving_labels.shape} and moving image {moving.shape} differ in shape")
             cls = torch.from_numpy(self.labels.to_classes(np.asarray(moving_labels), name="moving labels"))
             wl = warp(cls[None, None].float(), disp, mode="nearest")[0, 0].round().long()
             out["warped_labels"] = self.labels.to_values(wl.numpy())
         return out
+
+    @torch.no_grad()
+    def class_probabilities(self, image: np.ndarray):
+        """F_S's softmax on the image's grid, one class volume [D, H, W] at a time (a generator)."""
+        probs = self.seg_net(self.prep.image(image).to(self.device)).cpu().softmax(1)
+        for c in range(probs.shape[1]):
+            yield self.prep.upsample(probs[:, c:c + 1], image.shape)[0, 0]
+
+    def segment_atlas(self, image: np.ndarray, atlases, *, fuse: str = "atlas", weighting: str = "mean",
+                      refine: int | RefineSettings | None = None, progress: bool = False) -> np.ndarray:
+        """Multi-atlas segmentation through F_R (see ``inference.atlas``): ``atlases`` are
+        (image, label map) pairs on the image's grid; labels in original values."""
+        from .atlas import segment_with_atlases
+        return segment_with_atlases(self, image, atlases, fuse=fuse, weighting=weighting, refine=refine,
+                                    progress=progress)
 
     def refine_settings(self, refine: int | RefineSettings | None) -> RefineSettings:
         """The run config's ``refine`` section with ``refine`` iterations (or the given settings)."""
@@ -115,8 +141,30 @@ class Run:
                   f"at {tuple(self.prep.spacing)} mm: segmenting it resampled to {work} voxels", file=sys.stderr)
         return save_nifti(out_path, self.segment(img, spacing), affine)
 
+    def segment_atlas_file(self, image_path, out_path, atlases, *, fuse="atlas", weighting="mean", refine=None,
+                           progress=False) -> Path:
+        """``segment_atlas`` of NIfTI files: ``atlases`` [(image path, label path), ...], each on the
+        image's grid (shape and affine); the labels are written with the image's affine."""
+        img, affine = load_nifti(image_path)
+        self._check_spacing(load_header(image_path)[2], image_path)
+        if not atlases:
+            raise DataError("no atlas given: pass at least one (image, label map) pair")
+        arrays = []
+        for apath, lpath in atlases:
+            aimg, aaff = load_nifti(apath)
+            alab, laff = load_nifti(lpath, label=True)
+            for path, arr, aff in ((apath, aimg, aaff), (lpath, alab, laff)):
+                if arr.shape != img.shape or not np.allclose(aff, affine, atol=1e-3):
+                    raise DataError(f"atlas {path}: not on the grid of {image_path} (shape {arr.shape} vs {img.shape}, "
+                                    "or another affine); pre-align/resample the atlas onto the image first")
+            self.labels.to_classes(alab, name=f"atlas {lpath}")  # values outside the run's table: named here
+            arrays.append((aimg, alab))
+        self.refine_settings(refine)  # bad settings fail before any work
+        return save_nifti(out_path, self.segment_atlas(img, arrays, fuse=fuse, weighting=weighting, refine=refine,
+                                                       progress=progress), affine)
+
     def register_file(self, moving_path, target_path, out_path, *, labels=None, labels_out=None, disp_out=None,
-                      refine=None, progress=False) -> dict:
+                      refine=None, net=True, progress=False) -> dict:
         mov, maff = load_nifti(moving_path)
         tgt, taff = load_nifti(target_path)
         if mov.shape != tgt.shape or not np.allclose(maff, taff, atol=1e-3):
@@ -130,7 +178,7 @@ class Run:
                 raise DataError(f"{labels}: not on the grid of the moving image {moving_path} (shape {lab.shape} vs "
                                 f"{mov.shape}, or another affine)")
         settings = self.refine_settings(refine)  # bad settings fail before any work
-        res = self.register(mov, tgt, lab, refine=settings, progress=progress)
+        res = self.register(mov, tgt, lab, refine=settings, net=net, progress=progress)
         # the warped moving image lives on the target grid: write it with the target's affine
         save_nifti(out_path, res["warped"], taff, dtype=np.float32)
         if labels_out is not None:

@@ -1,4 +1,4 @@
-"""deepatlas-fast evaluate --data LIST.json --run RUN_DIR [--split test] [--out DIR]"""
+"""deepatlas-fast evaluate --run RUN_DIR [--data LIST.json] [--split test] [--out DIR] [--refine N] [--atlas [DATALIST]]"""
 from __future__ import annotations
 
 from ...errors import DeepAtlasError
@@ -13,6 +13,12 @@ def add_arguments(p):
     p.add_argument("--structures", help="label values to score: a text file or comma-separated list "
                                         "(default: all labels of the run)")
     p.add_argument("--max-pairs", type=int, default=20, help="registration pairs evaluated (default 20)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="also score F_R's fields refined for N iterations per level (test-time optimisation)")
+    p.add_argument("--atlas", nargs="?", const="run", metavar="DATALIST",
+                   help="also score atlas segmentations (atlas copied, registered, fused, fused with F_S) from "
+                        "the labelled training images of DATALIST (default: of the run's data)")
+    p.add_argument("--weighting", choices=("mean", "lncc"), default="mean", help="atlas fusion weights (default mean)")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -23,8 +29,14 @@ def run(args) -> int:
 
     from ...inference.evaluation import evaluate
     from ...data.io import LabelTable
+    from .segment import atlas_pairs
     if args.max_pairs < 0:
         raise DeepAtlasError(f"--max-pairs must be >= 0, got {args.max_pairs}")
+    if args.refine < 0:
+        raise DeepAtlasError(f"--refine must be >= 0, got {args.refine}")
+    atlases = None
+    if args.atlas is not None:
+        atlases = [{"image": str(i), "label": str(lab)} for i, lab in atlas_pairs(args.atlas, args.run)]
     structures = None
     if args.structures is not None:
         if Path(args.structures).is_file():
@@ -39,8 +51,10 @@ def run(args) -> int:
             raise DeepAtlasError(f"--structures: label values of structures, background (0) excluded, "
                                  f"got {args.structures!r}")
     s = evaluate(args.run, args.data, split=args.split, out_dir=args.out, structures=structures,
-                 max_pairs=args.max_pairs, figures=not args.no_figures, progress=not args.no_progress)
+                 max_pairs=args.max_pairs, atlases=atlases, refine=args.refine, weighting=args.weighting,
+                 figures=not args.no_figures, progress=not args.no_progress)
+    keys = ("seg", "reg", "unregistered", "reg_refined", "atlas_copy", "atlas_reg", "atlas_fused", "net_atlas")
     short = {k: (None if s[k] is None else {kk: vv for kk, vv in s[k].items() if kk != "per_structure"})
-             for k in ("seg", "reg", "unregistered")}
+             for k in keys if k in s}
     print(json.dumps({"split": s["split"], **short}, indent=2))
     return 0

@@ -1,5 +1,5 @@
 """deepatlas-fast register (--run RUN_DIR | --onnx ONNX_DIR) MOVING TARGET -o WARPED [--labels L --labels-out LO]
-[--disp-out D] [--refine N]"""
+[--disp-out D] [--refine N [--no-net]]"""
 from __future__ import annotations
 
 from ...errors import DeepAtlasError
@@ -18,6 +18,9 @@ def add_arguments(p):
     p.add_argument("--refine", type=int, default=0, metavar="N",
                    help="refine F_R's field for N Adam iterations per level (test-time optimisation; "
                         "PyTorch runs only, the run config's refine section gives the other settings)")
+    p.add_argument("--no-net", action="store_true",
+                   help="with --refine: start the refinement from zero instead of F_R's field (pure optimisation)")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", help="PyTorch device (default cpu); with --onnx: auto (CUDA EP if available, "
                                     "else CPU), cpu, cuda or cuda:N")
 
@@ -25,6 +28,8 @@ def add_arguments(p):
 def run(args) -> int:
     if (args.labels is None) != (args.labels_out is None):
         raise DeepAtlasError("--labels and --labels-out go together")
+    if args.no_net and not args.refine:
+        raise DeepAtlasError("--no-net needs --refine N (N > 0): without F_R the field comes from the refinement")
     if args.onnx is not None and args.refine:
         raise DeepAtlasError("--refine needs gradients, which an ONNX model does not give: use --run")
     if args.onnx is not None:
@@ -35,7 +40,8 @@ def run(args) -> int:
         from ...inference.run import load_run
         model, where = load_run(args.run, device=args.device or "cpu"), ""
     model.register_file(args.moving, args.target, args.output, labels=args.labels,
-                        labels_out=args.labels_out, disp_out=args.disp_out, refine=args.refine)
+                        labels_out=args.labels_out, disp_out=args.disp_out, refine=args.refine,
+                        net=not args.no_net, progress=not args.no_progress and args.refine > 0)
     print(f"wrote {args.output}" + (f", {args.labels_out}" if args.labels_out else "")
           + (f", {args.disp_out}" if args.disp_out else "") + where)
     return 0

@@ -1,5 +1,10 @@
-"""deepatlas-fast segment (--run RUN_DIR | --onnx ONNX_DIR) IMAGE.nii.gz -o OUT.nii.gz"""
+"""deepatlas-fast segment (--run RUN_DIR | --onnx ONNX_DIR) IMAGE.nii.gz -o OUT.nii.gz
+[--atlas [DATALIST] [--fuse atlas|net+atlas] [--weighting mean|lncc] [--refine N]]"""
 from __future__ import annotations
+
+from ...errors import DeepAtlasError
+
+_RUN_ATLASES = "run"  # --atlas without a datalist: the run's labelled training images
 
 
 def add_arguments(p):
@@ -8,18 +13,64 @@ def add_arguments(p):
     src.add_argument("--onnx", help="directory written by `deepatlas-fast export` (runs in ONNX Runtime)")
     p.add_argument("image", help="input image (.nii / .nii.gz)")
     p.add_argument("-o", "--output", required=True, help="output label map (original label values, input affine)")
+    p.add_argument("--atlas", nargs="?", const=_RUN_ATLASES, metavar="DATALIST",
+                   help="multi-atlas segmentation through F_R: the labelled training images of DATALIST (a "
+                        "datalist JSON; without it, the run's own labelled training images) are registered "
+                        "to the image and their labels fused; atlases must be on the image's grid")
+    p.add_argument("--fuse", choices=("atlas", "net+atlas"), default="atlas",
+                   help="with --atlas: the atlases alone, or averaged with F_S's probabilities (default atlas)")
+    p.add_argument("--weighting", choices=("mean", "lncc"), default="mean",
+                   help="with --atlas: equal atlas weights, or weighted per voxel by local NCC (default mean)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="with --atlas: refine each atlas's field for N iterations per level (PyTorch runs only)")
     p.add_argument("--device", help="PyTorch device (default cpu); with --onnx: auto (CUDA EP if available, "
                                     "else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def atlas_pairs(spec, run_dir) -> list:
+    """(image, label) paths of the atlases: labelled training images of a datalist or of the run's data."""
+    import json
+    from pathlib import Path
+
+    from ...data.datasets import read_data
+    if spec == _RUN_ATLASES:
+        if run_dir is None:
+            raise DeepAtlasError("--atlas without a datalist takes the run's training images: give a datalist "
+                                 "with --onnx")
+        meta = Path(run_dir) / "run.json"
+        data = json.loads(meta.read_text()).get("data") if meta.is_file() else None
+        if data is None:
+            raise DeepAtlasError(f"{run_dir} does not record its data: give the atlases as --atlas DATALIST")
+        spec = data
+    pairs = [(e["image"], e["label"]) for e in read_data(spec)["training"] if e["label"] is not None]
+    if not pairs:
+        raise DeepAtlasError(f"--atlas: {spec} has no labelled training image to use as an atlas")
+    return pairs
 
 
 def run(args) -> int:
+    atlas_only = [f for f, on in (("--fuse", args.fuse != "atlas"), ("--weighting", args.weighting != "mean"),
+                                  ("--refine", args.refine != 0)) if on]
+    if args.atlas is None and atlas_only:
+        raise DeepAtlasError(f"{', '.join(atlas_only)} only apply with --atlas")
+    if args.refine < 0:
+        raise DeepAtlasError(f"--refine must be >= 0, got {args.refine}")
+    if args.onnx is not None and args.refine:
+        raise DeepAtlasError("--refine needs gradients, which an ONNX model does not give: use --run")
+    atlases = atlas_pairs(args.atlas, args.run) if args.atlas is not None else None
     if args.onnx is not None:
         from ...deploy.runtime import load_onnx
         model = load_onnx(args.onnx, device=args.device)
+        where = f" (onnxruntime, {model.providers[0]})"
+    else:
+        from ...inference.run import load_run
+        model, where = load_run(args.run, device=args.device or "cpu"), ""
+    if atlases is None:
         out = model.segment_file(args.image, args.output)
-        print(f"wrote {out} (onnxruntime, {model.providers[0]})")
-        return 0
-    from ...inference.run import load_run
-    out = load_run(args.run, device=args.device or "cpu").segment_file(args.image, args.output)
-    print(f"wrote {out}")
+    else:
+        out = model.segment_atlas_file(args.image, args.output, atlases, fuse=args.fuse, weighting=args.weighting,
+                                       refine=args.refine, progress=not args.no_progress)
+        where += f", {len(atlases)} atlas{'es' if len(atlases) > 1 else ''}, fuse {args.fuse}"
+    print(f"wrote {out}{where}")
     return 0
