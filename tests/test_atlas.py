@@ -193,7 +193,7 @@ def test_register_no_net_needs_refine_and_starts_from_zero(tmp_path_factory, tmp
                  "--refine", "2", "--no-progress"]) == 0
     run = load_run(run_dir)
     mov, tgt = load_nifti(base[0])[0], load_nifti(base[1])[0]
-    from deepatlas_fast.inference.refine import RefineSettings
+    from deepatlas_fast.training.refine import RefineSettings
     from_zero = run.register(mov, tgt, refine=2, net=False)["disp"]
     with_net = run.register(mov, tgt, refine=2)["disp"]
     assert not np.allclose(from_zero, with_net)

@@ -1,4 +1,4 @@
-"""Test-time refinement (inference.refine): it fits a known smooth deformation better than the
+"""Test-time refinement (training.refine): it fits a known smooth deformation better than the
 starting field, leaves identical images alone, and refuses bad settings and inputs."""
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deepatlas_fast.errors import ConfigError, DataError
-from deepatlas_fast.inference.refine import RefineSettings, exp_velocity, refine, rescale_field
+from deepatlas_fast.training.refine import RefineSettings, exp_velocity, refine, rescale_field
 from deepatlas_fast.nn.losses import lncc_loss
 from deepatlas_fast.ops import warp
 

@@ -342,7 +342,7 @@ def summary_table(results) -> str:
 
 
 def refine_note(results) -> str:
-    from ..inference.refine import RefineSettings
+    from ..training.refine import RefineSettings
     if not results.get("refine"):
         return ""
     s = RefineSettings(iterations=results["refine"])

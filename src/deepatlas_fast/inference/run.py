@@ -26,7 +26,7 @@ from ..nn.nets import build_nets
 from ..ops import warp
 from ..data.preprocess import Preprocessing, resample
 from ..training.checkpoint import latest_checkpoint, load_checkpoint
-from .refine import RefineSettings, refine as refine_field
+from ..training.refine import RefineSettings, refine as refine_field
 
 
 class Run:

@@ -5,6 +5,7 @@ over the batch, as MONAI's losses do."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..ops import lncc, soft_dice
 
@@ -231,3 +232,8 @@ class BendingEnergyLoss(_BatchLoss):
 
     def loss(self, disp):
         return bending_energy(disp)
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[B, 1, ...] int labels -> [B, C, ...] float one-hot."""
+    return F.one_hot(labels[:, 0], num_classes).movedim(-1, 1).float()

@@ -52,7 +52,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import __version__
@@ -64,7 +63,7 @@ from .metrics import dice_per_class
 from ..data.datasets import PairSampler, VolumeDataset, check_grids, infer_label_table, read_data
 from ..data.io import LabelTable
 from ..data.augment import Augmenter, lr_axis_of, match_class_intensities
-from ..nn.losses import dice_loss, gradient_l2, lncc_loss, ncc_loss, segmentation_loss
+from ..nn.losses import dice_loss, gradient_l2, lncc_loss, ncc_loss, one_hot, segmentation_loss
 from ..nn.nets import build_nets
 from ..ops import warp
 from ..data.preprocess import Preprocessing
@@ -93,11 +92,6 @@ def _device(name: str) -> torch.device:
 def _step_generator(seed: int, stage: str, step: int) -> torch.Generator:
     s = np.random.SeedSequence([seed, STAGES.index(stage), step]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(s))
-
-
-def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[B, 1, ...] int labels -> [B, C, ...] float one-hot."""
-    return F.one_hot(labels[:, 0], num_classes).movedim(-1, 1).float()
 
 
 def make_scheduler(opt, kind: str, n_steps: int, period: int):

@@ -29,9 +29,8 @@ import torch.nn.functional as F
 
 from ..data.preprocess import pool
 from ..errors import ConfigError, DataError
-from ..nn.losses import dice_loss, gradient_l2, lncc_loss
+from ..nn.losses import dice_loss, gradient_l2, lncc_loss, one_hot
 from ..ops import warp
-from ..training.trainer import one_hot
 
 
 @dataclass
