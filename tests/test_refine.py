@@ -107,3 +107,28 @@ def test_bad_inputs_are_data_errors():
     bad[0, 0, 0, 0, 0] = float("nan")
     with pytest.raises(DataError, match="finite"):
         refine(bad, m, None, RefineSettings(iterations=1))
+
+
+@pytest.mark.parametrize("override,message", [("refine.window=4", "refine.window must be odd"),
+                                              ("refine.levels=[1, 2]", "coarse to fine"),
+                                              ("refine.lr=0", "refine.lr must be > 0"),
+                                              ("refine.lambda_r=-1", "refine.lambda_r must be >= 0"),
+                                              ("refine.iterations=3", "unknown config key 'refine.iterations'")])
+def test_run_config_refine_section_is_validated(override, message):
+    from deepatlas_fast.training.config import load_config
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_run_config_refine_section_gives_the_settings(tmp_path_factory):
+    from _synth import tiny_run
+    from deepatlas_fast.training.config import load_config
+    from deepatlas_fast.inference.run import load_run
+    cfg = load_config(None, ["refine.lambda_r=5", "refine.levels=[2, 1]"])
+    assert RefineSettings.from_dict(cfg["refine"], iterations=7) == RefineSettings(iterations=7, lambda_r=5, levels=(2, 1))
+    run = load_run(tiny_run(tmp_path_factory.getbasetemp())[1])
+    assert run.refine_settings(4) == RefineSettings(iterations=4)  # the defaults, recorded with the run
+    run.config["refine"]["lambda_r"] = 0.5
+    assert run.refine_settings(4) == RefineSettings(iterations=4, lambda_r=0.5)
+    del run.config["refine"]  # a run trained before the section existed: the defaults
+    assert run.refine_settings(None) == RefineSettings()

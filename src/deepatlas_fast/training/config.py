@@ -13,6 +13,7 @@ import yaml
 
 from ..errors import ConfigError, ConfigKeyError
 from ..data import augment
+from .refine import RefineSettings
 
 STAGES = ("seg", "reg", "semi-da", "da", "all")
 
@@ -57,6 +58,8 @@ DEFAULTS = {
         "anatomy_confidence": 0.0,
     },
     "augment": dict(augment.DEFAULTS),  # on-the-fly augmentation of F_S's training images (data/augment.py)
+    # test-time refinement (register/segment/evaluate --refine N: N iterations per level; refine.py)
+    "refine": {k: v for k, v in RefineSettings().to_dict().items() if k != "iterations"},
     "train": {
         "steps": {"seg": 1000, "reg": 1000, "semi-da": 1000, "da": 2000},
         "batch_size": 1,         # per process
@@ -167,6 +170,7 @@ def validate(cfg: dict) -> None:
     if not isinstance(lo["include_background"], bool):
         raise ConfigError(f"loss.include_background must be true or false, got {lo['include_background']!r}")
     augment.validate(cfg["augment"])
+    RefineSettings.from_dict(cfg["refine"])
     bad = set(d["pairs"]) - {"LL", "LU", "UL", "UU"}
     if bad or any(float(v) < 0 for v in d["pairs"].values()) or not any(float(v) > 0 for v in d["pairs"].values()):
         raise ConfigError(f"data.pairs: keys LL/LU/UL/UU with weights >= 0, not all 0; got {d['pairs']}")

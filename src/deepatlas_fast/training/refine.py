@@ -88,6 +88,7 @@ class RefineSettings:
 def _pool(x: torch.Tensor, f: int) -> torch.Tensor:
     return pool(x, f, padding="replicate")  # edges replicated: a zero pad would bias the LNCC
 
+
 def rescale_field(u: torch.Tensor, shape, ratio: float) -> torch.Tensor:
     """A displacement [B, 3, ...] in voxels of one grid -> grid ``shape`` whose voxels are
     ``ratio`` times as large (same field of view, voxel centres aligned as in ``pool``)."""
