@@ -170,3 +170,43 @@ def test_evaluate_refuses_bad_counts_and_structures_before_any_work(tmp_path, ca
     assert main(["evaluate", "--run", str(tmp_path / "no_run"), *bad]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("--max-pairs" in err or "--structures" in err)
+
+
+def test_outputs_are_checked_before_any_work(tmp_path_factory, tmp_path, capsys):
+    """-o naming an input, a folder, another output, a non-NIfTI name or an unwritable place:
+    one line, exit 2, and every input byte-identical afterwards."""
+    import os
+    dl, run = tiny_run(tmp_path_factory.getbasetemp())
+    data = Path(dl).parent
+    for k in (0, 1):
+        for kind in ("img", "seg"):
+            (tmp_path / f"{kind}{k}.nii.gz").write_bytes((data / f"{kind}{k}.nii.gz").read_bytes())
+    img0, img1, seg0 = (str(tmp_path / n) for n in ("img0.nii.gz", "img1.nii.gz", "seg0.nii.gz"))
+    before = {p: Path(p).read_bytes() for p in (img0, img1, seg0)}
+    (tmp_path / "folder.nii.gz").mkdir()
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["segment", "--run", str(run), img0, "-o", img0], "is the input IMAGE"),
+        (["segment", "--run", str(run), img0, "-o", str(tmp_path / "folder.nii.gz")], "is a folder"),
+        (["segment", "--run", str(run), img0, "-o", str(tmp_path / "out.png")], "must end with .nii"),
+        (["segment", "--run", str(run), img0, "-o", str(tmp_path / "afile" / "x.nii.gz")], "is a file, not a folder"),
+        (["register", "--run", str(run), img0, img1, "-o", img1], "is the input TARGET"),
+        (["register", "--run", str(run), img0, img1, "-o", str(tmp_path / "w.nii.gz"), "--labels", seg0,
+          "--labels-out", seg0], "is the input --labels"),
+        (["register", "--run", str(run), img0, img1, "-o", str(tmp_path / "w.nii.gz"), "--disp-out",
+          str(tmp_path / "w.nii.gz")], "both name"),
+        (["prealign", img0, img1, "-o", img0, "--quiet"], "is the input MOVING"),
+        (["prealign", img0, img1, "-o", str(tmp_path / "p.nii.gz"), "--labels", seg0, "--labels-out",
+          str(tmp_path / "p.nii.gz"), "--quiet"], "both name"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        cases.append((["segment", "--run", str(run), img0, "-o", str(ro / "x.nii.gz")], "permission denied"))
+    capsys.readouterr()
+    for argv, msg in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, (argv, err)
+    assert all(Path(p).read_bytes() == b for p, b in before.items())
+    assert not (tmp_path / "w.nii.gz").exists() and not (tmp_path / "p.nii.gz").exists()

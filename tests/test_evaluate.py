@@ -136,3 +136,17 @@ def test_evaluate_refined_rows(tmp_path_factory):
         evaluate(run, dl, split="training", out_dir=out, refine=-1, progress=False)
     with pytest.raises(ValueError, match="weighting"):
         evaluate(run, dl, split="training", out_dir=out, weighting="vote", progress=False)
+
+
+def test_evaluate_refuses_data_of_another_voxel_size(tmp_path_factory, tmp_path):
+    from _synth import write_dataset
+    from deepatlas_fast.data.io import save_nifti
+    from deepatlas_fast.errors import DataError
+    dl, run = tiny_run(tmp_path_factory.getbasetemp())
+    other = write_dataset(tmp_path / "data")
+    for f in (tmp_path / "data").glob("*.nii.gz"):  # the same volumes, 3 mm voxels instead of 2 mm
+        arr = load_nifti(f, label=f.name.startswith("seg"))[0]
+        save_nifti(f, arr.astype(np.int16) if f.name.startswith("seg") else arr, np.diag([3.0, 3.0, 3.0, 1.0]))
+    with pytest.raises(DataError, match="voxel size"):
+        evaluate(run, other, split="test", out_dir=tmp_path / "eval", progress=False)
+    assert not (tmp_path / "eval").exists()

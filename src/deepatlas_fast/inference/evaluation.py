@@ -99,7 +99,6 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
             raise DeepAtlasError("out_dir is required when evaluating a Run object")
         out_dir = run_dir / "eval" / split
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     table: LabelTable = run.labels
     structures = [v for v in (structures if structures is not None else table.values) if v != 0]
@@ -109,7 +108,15 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
     run.refine_settings(refine)  # bad settings fail before any work
     resample = run.config["data"]["resample"]
     entries = splits[split]
-    ds = VolumeDataset(entries, run.prep, resample=resample, cache=False, ref=check_grids(entries, resample))
+    ref = check_grids(entries, resample)
+    if run.prep.training_grid(ref[0], ref[2]) != tuple(ref[0]):
+        # F_R only registers at its training voxel size, and scores on another grid would not
+        # compare with the run's: refused rather than scored wrong
+        raise DataError(f"{entries[0]['image']}: voxel size {tuple(round(float(s), 3) for s in ref[2])} mm, but the run "
+                        f"was trained at {tuple(run.prep.spacing)} mm; resample the {split} split to that voxel size "
+                        "(segment resamples single images itself)")
+    ds = VolumeDataset(entries, run.prep, resample=resample, cache=False, ref=ref)
+    out_dir.mkdir(parents=True, exist_ok=True)
     names = ds.names()
     lab_idx = [i for i, f in enumerate(ds.labelled) if f]
     originals = {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..paths import check_outputs
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("moving", help="moving image (.nii / .nii.gz)")
@@ -28,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
     if args.labels and not args.labels_out:
         print("deepatlas-fast prealign: --labels needs --labels-out", file=sys.stderr)
         return 2
+    check_outputs({"MOVING": args.moving, "REFERENCE": args.reference, "--labels": args.labels,
+                   "--reference-labels": args.reference_labels},
+                  {"-o": args.out, "--labels-out": args.labels_out, "--matrix-out": args.matrix_out},
+                  nifti=("-o", "--labels-out"))
     res = prealign_files(args.moving, args.reference, args.out, labels=args.labels,
                          labels_out=args.labels_out, reference_labels=args.reference_labels,
                          matrix_out=args.matrix_out, similarity=args.similarity,

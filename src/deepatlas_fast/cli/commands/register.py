@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ...errors import DeepAtlasError
+from ..paths import check_outputs
 
 
 def add_arguments(p):
@@ -32,6 +33,9 @@ def run(args) -> int:
         raise DeepAtlasError("--no-net needs --refine N (N > 0): without F_R the field comes from the refinement")
     if args.onnx is not None and args.refine:
         raise DeepAtlasError("--refine needs gradients, which an ONNX model does not give: use --run")
+    check_outputs({"MOVING": args.moving, "TARGET": args.target, "--labels": args.labels},
+                  {"-o": args.output, "--labels-out": args.labels_out, "--disp-out": args.disp_out},
+                  nifti=("-o", "--labels-out", "--disp-out"))
     if args.onnx is not None:
         from ...deploy.runtime import load_onnx
         model = load_onnx(args.onnx, device=args.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ...errors import DeepAtlasError
+from ..paths import check_outputs
 
 _RUN_ATLASES = "run"  # --atlas without a datalist: the run's labelled training images
 
@@ -59,6 +60,10 @@ def run(args) -> int:
     if args.onnx is not None and args.refine:
         raise DeepAtlasError("--refine needs gradients, which an ONNX model does not give: use --run")
     atlases = atlas_pairs(args.atlas, args.run) if args.atlas is not None else None
+    inputs = {"IMAGE": args.image}
+    for k, (image, labels) in enumerate(atlases or ()):
+        inputs.update({f"atlas image {image}": image, f"atlas labels {labels}": labels})
+    check_outputs(inputs, {"-o": args.output}, nifti=("-o",))
     if args.onnx is not None:
         from ...deploy.runtime import load_onnx
         model = load_onnx(args.onnx, device=args.device)
