@@ -136,3 +136,21 @@ def test_cli_nifti_roundtrip(brain, tmp_path, capsys):
 
     assert cli_main(["prealign", str(tmp_path / "nope.nii.gz"), str(tmp_path / "ref.nii.gz"), "-o", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("similarity", ["lncc", "mse"])
+def test_identical_images_give_the_identity(brain, similarity):
+    img, seg, _ = brain
+    res = prealign(img, img, similarity=similarity)
+    assert np.abs(res.matrix[:3, :3] - np.eye(3)).max() < 1e-3
+    assert voxel_error(res.matrix, np.eye(4), seg > 0) < 0.1
+    assert abs(res.warped.mean() - img.mean()) < 1e-3 * img.mean()
+
+
+@pytest.mark.parametrize("similarity", ["lncc", "mse"])
+def test_divergence_is_an_error_not_an_empty_image(brain, tmp_path, similarity):
+    from deepatlas_fast.errors import DeepAtlasError
+    img, _, _ = brain
+    moving = make_moving(brain, 3)[0]
+    with pytest.raises(DeepAtlasError, match="diverged.*lower lr"):
+        prealign(moving, img, similarity=similarity, lr=1e10)

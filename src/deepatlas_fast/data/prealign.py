@@ -20,6 +20,8 @@ Files: :func:`prealign_files` (used by ``deepatlas-fast prealign``).
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,14 +155,17 @@ def _similarity(a, b, kind: str, window: int) -> torch.Tensor:
     if kind == "mse":
         return (a - b).pow(2).mean()
     from ..nn.losses import lncc_loss
-    return lncc_loss(a, b, window=window)
+    # a tiny eps: with the usual 1e-5 the guard outweighs the local variance of [0, 1] images in
+    # smooth regions and rewards any warp that sharpens them (identical images drifted from the
+    # identity); windows flat in both images are exactly 0 either way
+    return lncc_loss(a, b, window=window, eps=1e-9)
 
 
 # --------------------------------------------------------------------------- main entry point
 
 def prealign(moving, reference, *, moving_labels=None, reference_labels=None,
              similarity: str = "lncc", dice_weight: float = 1.0, label_values=None,
-             levels=(4, 2, 1), iterations=(100, 50, 20), lr: float = 0.01,
+             levels=(4, 2, 1), iterations=(100, 50, 50), lr: float = 0.01,
              init="moments", window: int = 5,
              moving_affine=None, reference_affine=None, verbose: bool = False) -> AffineResult:
     """Register ``moving`` to ``reference`` with a 12-parameter affine.
@@ -226,25 +231,40 @@ def prealign(moving, reference, *, moving_labels=None, reference_labels=None,
         # Translation is scaled by the half-extent so one learning rate fits both parameter kinds;
         # finer levels take smaller steps.
         opt = torch.optim.Adam([L, t], lr=lr * s / max(levels))
+        # Adam's steps keep their size near the optimum (the gradient is normalised), so a constant
+        # rate leaves the matrix jittering ~lr around it: the rate decays to 0 over each level
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k, n=max(int(n_it), 1): 0.5 * (1 + math.cos(math.pi * k / n)))
         shape_s = tuple(r_s.shape[2:])
         idx, x = _grid(shape_s, s)
-        loss = None
+        loss = first = None
         for _ in range(int(n_it)):
             opt.zero_grad()
             disp = _disp(matrix(), idx, x, shape_s, s)
             loss = _similarity(warp(m_s, disp), r_s, similarity, window)
             if use_dice:
                 loss = loss + dice_weight * (1 - soft_dice(warp(mh_s, disp), rh_s).mean())
+            if first is None:
+                first = float(loss.detach())
             loss.backward()
             opt.step()
+            sched.step()
         if loss is not None:
+            with torch.no_grad():
+                d_end = _disp(matrix(), idx, x, shape_s, s)
+                end = _similarity(warp(m_s, d_end), r_s, similarity, window)
+                if use_dice:
+                    end = end + dice_weight * (1 - soft_dice(warp(mh_s, d_end), rh_s).mean())
+            # a level that ends clearly worse than it started has diverged (too large a rate)
+            if not math.isfinite(float(end)) or float(end) > first + max(0.02, 0.1 * abs(first)):
+                raise DeepAtlasError(f"prealign diverged at level {s} (loss {first:.4f} -> {float(end):.4f}); "
+                                     f"lower lr (now {lr:g})")
             losses.append(float(loss.detach()))
             if verbose:
                 print(f"prealign: level {s}: loss {losses[-1]:.4f}")
 
     M = matrix().detach().numpy()
     if not np.isfinite(M).all():
-        raise RuntimeError("prealign: optimisation diverged (non-finite matrix); lower lr")
+        raise DeepAtlasError(f"prealign diverged (non-finite matrix); lower lr (now {lr:g})")
     warped = apply_affine(moving if isinstance(moving, torch.Tensor) else np.asarray(moving, np.float32), M, ref.shape)
     warped_labels = None if mlab is None else apply_affine(mlab, M, ref.shape, mode="nearest")
     world = None

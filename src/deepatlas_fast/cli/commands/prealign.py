@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dice-weight", type=float, default=1.0, help="weight of (1 - Dice) (default 1)")
     p.add_argument("--similarity", choices=("lncc", "mse"), default="lncc", help="image term (default lncc)")
     p.add_argument("--levels", type=int, nargs="+", default=[4, 2, 1], help="downsampling factors, coarse to fine")
-    p.add_argument("--iterations", type=int, nargs="+", default=[100, 50, 20], help="Adam steps per level")
+    p.add_argument("--iterations", type=int, nargs="+", default=[100, 50, 50], help="Adam steps per level")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate at the coarsest level")
     p.add_argument("--init", choices=("moments", "center", "identity", "header"), default="moments",
                    help="start: match foreground moments (default), centroids only, voxel identity, or NIfTI headers")
