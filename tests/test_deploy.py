@@ -89,13 +89,28 @@ def _copy(out, dst):
     return dst
 
 
-def _set_meta(path, **kv):
+def _set_meta(path, *, resum=True, drop=(), **kv):
+    """Edit a model's metadata; ``resum``: also update checksums.json, as a consistent (but
+    malformed) export would have it."""
     m = onnx.load(str(path))
     for p in m.metadata_props:
         key = p.key.removeprefix("deepatlas_fast.")
         if key in kv:
             p.value = kv[key] if isinstance(kv[key], str) else json.dumps(kv[key])
+    keep = [p for p in m.metadata_props if p.key.removeprefix("deepatlas_fast.") not in drop]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
     onnx.save(m, str(path))
+    if resum:
+        _resum(path)
+
+
+def _resum(path):
+    from deepatlas_fast.deploy.export import file_sha256
+    sums_path = Path(path).parent / "checksums.json"
+    sums = json.loads(sums_path.read_text())
+    sums["sha256"][Path(path).name] = file_sha256(path)
+    sums_path.write_text(json.dumps(sums))
 
 
 def test_malformed_and_mismatched_models_are_clear_errors(exported, tmp_path):
@@ -109,16 +124,21 @@ def test_malformed_and_mismatched_models_are_clear_errors(exported, tmp_path):
     d = _copy(out, tmp_path / "truncated")
     data = (d / "seg.onnx").read_bytes()
     (d / "seg.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="seg.onnx: contents differ from the export's checksum"):
+        load_onnx(d)
+    _resum(d / "seg.onnx")  # damaged at export time: ONNX Runtime's own refusal
     with pytest.raises(ValueError, match="seg.onnx: cannot load ONNX model"):
         load_onnx(d)
     d = _copy(out, tmp_path / "swapped")
     shutil.copy(out / "seg.onnx", d / "reg.onnx")
+    _resum(d / "reg.onnx")
     with pytest.raises(ValueError, match="'seg' model, expected 'reg'"):
         load_onnx(d)
     d = _copy(out, tmp_path / "foreign")  # a valid ONNX model that deepatlas-fast did not write
     foreign = onnx.load(str(out / "seg.onnx"))
     del foreign.metadata_props[:]
     onnx.save(foreign, str(d / "seg.onnx"))
+    _set_meta(d / "seg.onnx")
     with pytest.raises(ValueError, match="not a deepatlas-fast model"):
         load_onnx(d)
     d = _copy(out, tmp_path / "future")
@@ -133,11 +153,51 @@ def test_malformed_and_mismatched_models_are_clear_errors(exported, tmp_path):
     prep = exported[1].prep.to_dict()
     prep["label_values"] = [0, 7, 42]
     for kind in ("seg", "reg"):
-        _set_meta(d / f"{kind}.onnx", preprocessing=prep)
+        _set_meta(d / f"{kind}.onnx", preprocessing=prep, label_values=prep["label_values"])
     with pytest.raises(ValueError, match="4 output classes but its label table has 3"):
         load_onnx(d)
     # through the CLI: one line, exit code 2
     assert main(["segment", "--onnx", str(d), str(DATA / "oasis_a_T1_4mm.nii.gz"), "-o", str(tmp_path / "x.nii.gz")]) == 2
+
+
+def test_edited_or_malformed_metadata_is_refused(exported, tmp_path):
+    """An edit of a model (label table, spacing) without a matching checksum, a missing checksum
+    file, and metadata that is malformed even with consistent checksums: clear errors."""
+    out, prep = exported[3], exported[1].prep.to_dict()
+    d = _copy(out, tmp_path / "edited")
+    _set_meta(d / "seg.onnx", resum=False, spacing=[3.0, 3.0, 3.0])
+    with pytest.raises(ValueError, match="seg.onnx: contents differ from the export's checksum"):
+        load_onnx(d)
+    d = _copy(out, tmp_path / "no_sums")
+    (d / "checksums.json").unlink()
+    with pytest.raises(ValueError, match="no checksums.json"):
+        load_onnx(d)
+    bad = [({"preprocessing": {**prep, "multiple": 0}}, "power of 2"),
+           ({"preprocessing": {**prep, "multiple": 3}}, "power of 2"),
+           ({"preprocessing": {**prep, "spacing": [0.0, 2.0, 2.0]}}, "positive voxel sizes"),
+           ({"spacing": [2.0, -1.0, 2.0]}, "positive voxel sizes"),
+           ({"preprocessing": {**prep, "unexpected": 1}}, "preprocessing is not valid"),
+           ({"preprocessing": "{not json"}, "not valid JSON"),
+           ({"label_values": [0, 7, 42, 101]}, "differ from the preprocessing's label table"),
+           ({"drop": ("export_id",)}, "metadata lacks")]
+    for k, (edit, msg) in enumerate(bad):
+        d = _copy(out, tmp_path / f"bad{k}")
+        for kind in ("seg", "reg"):
+            _set_meta(d / f"{kind}.onnx", **edit)
+        with pytest.raises(ValueError, match=msg):
+            load_onnx(d)
+
+
+def test_export_refuses_bad_targets_before_exporting(exported, tmp_path, capsys):
+    run_dir = exported[4]
+    (tmp_path / "file").write_text("x")
+    assert main(["export", "--run", str(run_dir), "-o", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    assert main(["export", "--run", str(run_dir), "-o", str(tmp_path / "x"), "--checkpoint",
+                 str(tmp_path / "corrupt.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt.pt" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
 
 
 def test_atlas_segmentation_with_onnx_matches_pytorch(exported, tmp_path):

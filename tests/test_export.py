@@ -131,7 +131,13 @@ def test_seg_parity_random_nets_and_shapes(tmp_path):
 
 def test_export_run_files_metadata_and_real_brain_parity(tmp_path_factory):
     dl, run_dir, out = exported_run(tmp_path_factory.getbasetemp())
-    assert sorted(p.name for p in out.iterdir()) == ["reg.onnx", "seg.onnx"], "single-file models, no external data"
+    assert sorted(p.name for p in out.iterdir()) == ["checksums.json", "reg.onnx", "seg.onnx"], \
+        "single-file models, no external data"
+    from deepatlas_fast.deploy.export import file_sha256
+    import hashlib
+    sums = json.loads((out / "checksums.json").read_text())["sha256"]
+    assert sums == {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in ("seg.onnx", "reg.onnx")}
+    assert file_sha256(out / "seg.onnx") == sums["seg.onnx"]
     run = load_run(run_dir)
     metas = {}
     for kind in ("seg", "reg"):

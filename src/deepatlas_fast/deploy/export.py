@@ -17,7 +17,8 @@ Each file is self-contained (weights inside, no external data) and carries ``met
 ``preprocessing.json``: label table, intensity percentiles, downsampling, pad multiple, training
 spacing and grid), ``.label_values``, ``.normalisation``, ``.spacing``, ``.net`` (network config),
 ``.warp`` (gridsample | gather), ``.source`` (checkpoint) and ``.export_id`` (shared by the two
-files of one export, so deploy can refuse a mixed pair).
+files of one export, so deploy can refuse a mixed pair). ``checksums.json`` beside them holds
+the sha256 of both files: deploy refuses a model whose weights or metadata were edited.
 
 Exporter: torch.export-based (``torch.onnx.export(dynamo=True)``), the default and maintained path
 of torch >= 2.9; the TorchScript exporter also works (``register_custom_op_symbolic``) but is
@@ -45,10 +46,20 @@ import torch.nn as nn
 from ..errors import DeepAtlasError
 from .. import __version__
 
-FORMAT = "1"
+FORMAT = "2"  # 2: checksums.json beside the models
 OPSET = 20
 WARP_IMPLS = ("gridsample", "gather")
 META = "deepatlas_fast."
+CHECKSUMS = "checksums.json"  # sha256 of seg.onnx and reg.onnx: an edited model or metadata is refused
+
+
+def file_sha256(path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +228,9 @@ def export_run(run_dir, out_dir, *, warp: str = "gridsample", checkpoint=None) -
     from ..inference.run import load_run
     if warp not in WARP_IMPLS:
         raise DeepAtlasError(f"--warp must be one of {WARP_IMPLS}, got {warp!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DeepAtlasError(f"{out_dir} is a file: the export writes a folder (seg.onnx, reg.onnx, {CHECKSUMS})")
     run = load_run(run_dir, checkpoint=checkpoint)
     for net in (run.seg_net, run.reg_net):  # the exported graph has no memory formats
         net.use_channels_last(False)
@@ -226,7 +240,6 @@ def export_run(run_dir, out_dir, *, warp: str = "gridsample", checkpoint=None) -
             "normalisation": {"percentiles": list(prep.percentiles), "range": [0.0, 1.0]},
             "spacing": None if prep.spacing is None else list(prep.spacing),
             "net": run.config["model"], "warp": warp, "source": run.source, "export_id": uuid.uuid4().hex}
-    out_dir = Path(out_dir)
     # example sizes: 2 batch items and 2 strides per axis, so no dim is specialised to 0 or 1
     def example(net):
         return torch.rand(2, 1, *(2 * net.multiple,) * 3)
@@ -238,4 +251,6 @@ def export_run(run_dir, out_dir, *, warp: str = "gridsample", checkpoint=None) -
     export_module(RegGraph(run.reg_net), (example(run.reg_net), example(run.reg_net)), paths["reg"],
                   input_names=["moving", "target"], output_names=["disp", "warped"],
                   multiple=run.reg_net.multiple, warp=warp, metadata={**meta, "model": "reg"})
+    sums = {p.name: file_sha256(p) for p in paths.values()}
+    (out_dir / CHECKSUMS).write_text(json.dumps({"export_id": meta["export_id"], "sha256": sums}, indent=2) + "\n")
     return paths

@@ -31,7 +31,7 @@ import torch
 from .. import __version__
 from ..errors import DataError, DeepAtlasError, DeepAtlasWarning, MissingDependencyError
 from ..inference.run import Run
-from .export import FORMAT, META
+from .export import CHECKSUMS, FORMAT, META, file_sha256
 from ..data.preprocess import Preprocessing
 
 # inputs and outputs each model must have (name -> channels, None = any)
@@ -40,6 +40,7 @@ _SIGNATURES = {
     "reg": ({"moving": 1, "target": 1}, {"disp": 3, "warped": 1}),
 }
 _JSON_KEYS = {"preprocessing", "label_values", "normalisation", "spacing", "net"}
+_REQUIRED = {"format", "version", "model", "preprocessing", "label_values", "spacing", "net", "export_id"}
 
 
 def _ort():
@@ -80,9 +81,44 @@ def read_metadata(model, path) -> dict:
     if meta["format"] != FORMAT:
         raise DataError(f"{path}: model format {meta['format']!r}, this deepatlas_fast ({__version__}) reads "
                          f"format {FORMAT!r}; re-export the run")
+    missing = sorted(_REQUIRED - set(meta))
+    if missing:
+        raise DataError(f"{path}: metadata lacks {[META + k for k in missing]}; re-export the run")
     for k in _JSON_KEYS & set(meta):
-        meta[k] = json.loads(meta[k])
+        try:
+            meta[k] = json.loads(meta[k])
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: metadata {META + k} is not valid JSON ({e})") from None
+    try:
+        prep = Preprocessing.from_dict(meta["preprocessing"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: metadata {META}preprocessing is not valid ({e})") from None
+    if not isinstance(prep.multiple, int) or prep.multiple < 1 or prep.multiple & (prep.multiple - 1):
+        raise DataError(f"{path}: preprocessing multiple must be a power of 2, got {prep.multiple!r}")
+    for name, value in (("spacing", prep.spacing), ("spacing", meta["spacing"])):
+        if value is not None and (len(value) != 3 or not all(isinstance(s, (int, float)) and 0 < s < float("inf")
+                                                           for s in value)):
+            raise DataError(f"{path}: {name} must be three positive voxel sizes (mm), got {value!r}")
+    if list(meta["label_values"]) != list(prep.label_values):
+        raise DataError(f"{path}: label_values {meta['label_values']} differ from the preprocessing's label table "
+                        f"{prep.label_values}")
     return meta
+
+
+def verify_checksums(onnx_dir) -> None:
+    """The models of ``onnx_dir`` are the files the export wrote (``checksums.json``)."""
+    onnx_dir = Path(onnx_dir)
+    path = onnx_dir / CHECKSUMS
+    if not path.is_file():
+        raise DataError(f"{onnx_dir}: no {CHECKSUMS} (written by `deepatlas-fast export`); re-export the run")
+    try:
+        sums = json.loads(path.read_text())["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a valid checksum file ({e})") from None
+    for name in ("seg.onnx", "reg.onnx"):
+        if name in sums and (onnx_dir / name).is_file() and file_sha256(onnx_dir / name) != sums[name]:
+            raise DataError(f"{onnx_dir / name}: contents differ from the export's checksum (the model or its "
+                            "metadata was edited or damaged); re-export the run")
 
 
 class _OrtNet:
@@ -134,6 +170,7 @@ class OnnxRun(Run):
         if not onnx_dir.is_dir():
             raise FileNotFoundError(f"no such directory: {onnx_dir} (write it with `deepatlas-fast export`)")
         providers = providers or default_providers(device)
+        verify_checksums(onnx_dir)
         seg, seg_meta = _load_model(onnx_dir / "seg.onnx", "seg", providers)
         reg, reg_meta = _load_model(onnx_dir / "reg.onnx", "reg", providers)
         for key in ("preprocessing", "export_id"):

@@ -193,7 +193,13 @@ class Run:
 def load_run(run_dir, *, device="cpu", checkpoint=None) -> Run:
     """Latest checkpoint of ``run_dir`` (or the given checkpoint file) -> Run."""
     if checkpoint is not None:
-        ckpt, src = load_checkpoint(checkpoint), str(checkpoint)
+        try:
+            ckpt, src = load_checkpoint(checkpoint), str(checkpoint)
+        except (DeepAtlasError, FileNotFoundError):
+            raise
+        except Exception as e:  # torch.load's many failure types for a damaged or foreign file
+            raise DataError(f"{checkpoint}: cannot read this checkpoint ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no details'})") from None
     else:
         path, ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
