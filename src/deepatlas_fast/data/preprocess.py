@@ -30,6 +30,7 @@ class Preprocessing:
     multiple: int = 16
     spacing: tuple | None = None  # voxel size (mm) of the training images, before downsampling
     shape: tuple | None = None    # grid of the training images, before downsampling
+    affine: list | None = None    # their voxel -> world matrix (4 x 4 nested lists); None in older runs
 
     def __post_init__(self):
         self.labels = LabelTable(self.label_values)
@@ -49,7 +50,8 @@ class Preprocessing:
         return {"label_values": list(self.label_values), "percentiles": list(self.percentiles),
                 "downsample": self.downsample, "multiple": self.multiple,
                 "spacing": None if self.spacing is None else list(self.spacing),
-                "shape": None if self.shape is None else list(self.shape)}
+                "shape": None if self.shape is None else list(self.shape),
+                "affine": None if self.affine is None else [list(map(float, r)) for r in self.affine]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":

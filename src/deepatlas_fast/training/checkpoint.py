@@ -2,6 +2,10 @@
 plan), written atomically (temp file + rename), the oldest removed past ``keep``, read back with
 ``torch.load(weights_only=True)``.
 
+A damaged checkpoint (a crash mid-write on a file system without atomic rename) or a foreign one
+is skipped with a warning that names it and says why. Rotation only removes checkpoints older
+than the one just written, so a stale file numbered past this run's steps never displaces them.
+
 Keys: format, plan, stage, stage_step, global_step, completed (stages done), reg, seg (state
 dicts), optim, sched (per trained net), rng (``rng_state``), config and preprocessing (JSON
 strings: a checkpoint alone rebuilds the nets).
@@ -9,8 +13,11 @@ strings: a checkpoint alone rebuilds the nets).
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +26,7 @@ import torch
 from ..errors import DataError, DeepAtlasWarning
 
 CKPT_FORMAT = 1
+_NAME = re.compile(r"ckpt-(\d+)\.pt")
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -39,30 +47,81 @@ def atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_step(path) -> int | None:
+    """The global step in a checkpoint's file name (None: not a ckpt-<digits>.pt name)."""
+    m = _NAME.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir) -> list:
-    """Completed checkpoints of a run, oldest first (temp files of an interrupted write are ignored)."""
+    """Checkpoint files of a run, oldest step first (temp files of an interrupted write are ignored)."""
     d = Path(run_dir) / "checkpoints"
-    return sorted(d.glob("ckpt-*.pt")) if d.is_dir() else []
+    found = [p for p in d.glob("ckpt-*.pt") if checkpoint_step(p) is not None] if d.is_dir() else []
+    return sorted(found, key=checkpoint_step)
+
+
+def temp_files(run_dir) -> list:
+    """Temp files that an atomic write killed before its rename left in a run folder
+    (``atomic_save``, ``atomic_write_text``, the curves figure)."""
+    run_dir = Path(run_dir)
+    found = list((run_dir / "checkpoints").glob(".ckpt-*.pt.tmp*")) if (run_dir / "checkpoints").is_dir() else []
+    for name in ("run.json", "preprocessing.json", "metrics.jsonl"):
+        found += run_dir.glob(f".{name}.tmp*")
+    found += run_dir.glob(".curves.tmp*.png")
+    return sorted(p for p in found if p.is_file() and not p.is_symlink())
 
 
 def save_checkpoint(run_dir, ckpt: dict, *, keep: int = 0) -> Path:
-    """Writes ``ckpt`` as RUN_DIR/checkpoints/ckpt-<global_step>.pt, then removes all but the
-    ``keep`` newest checkpoints (``keep`` <= 0: none removed)."""
+    """Writes ``ckpt`` as RUN_DIR/checkpoints/ckpt-<global_step>.pt, then removes the oldest
+    checkpoints until ``keep`` are left (``keep`` <= 0: none removed). Only checkpoints of an
+    earlier step than this one are candidates: files numbered past it are not this run's."""
     d = Path(run_dir) / "checkpoints"
     d.mkdir(exist_ok=True)
-    path = d / f"ckpt-{ckpt['global_step']:08d}.pt"
+    step = ckpt["global_step"]
+    path = d / f"ckpt-{step:08d}.pt"
     atomic_save(ckpt, path)
     if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
+        older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step]
+        for old in older[:max(0, len(older) - (keep - 1))]:
             old.unlink(missing_ok=True)
     return path
 
 
+def _format_problem(ckpt) -> str | None:
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        return "not a deepatlas_fast checkpoint (a PyTorch file without the checkpoint's keys)"
+    if ckpt["format"] != CKPT_FORMAT:
+        return (f"checkpoint format {ckpt['format']!r}, this version reads format {CKPT_FORMAT} "
+                "(written by another version of deepatlas_fast?)")
+    return None
+
+
 def load_checkpoint(path) -> dict:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise DataError(f"{path}: not a deepatlas_fast checkpoint (format {CKPT_FORMAT})")
+    problem = _format_problem(ckpt)
+    if problem is not None:
+        raise DataError(f"{path}: {problem}")
     return ckpt
+
+
+def unreadable_reason(path, error: Exception) -> str:
+    """Why ``load_checkpoint(path)`` failed with ``error``, in words rather than the loader's."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return f"cannot be opened ({e.strerror or e})"
+    if size == 0:
+        return "the file is empty (its write was cut short)"
+    if isinstance(error, DataError):
+        return str(error).removeprefix(f"{path}: ")
+    if not zipfile.is_zipfile(path):
+        return "not a PyTorch checkpoint file (damaged, cut short, or another kind of file)"
+    if isinstance(error, pickle.UnpicklingError):
+        return ("it holds objects other than tensors and plain values, which weights-only loading refuses "
+                "(not written by deepatlas_fast)")
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"a PyTorch file that could not be read ({type(error).__name__}: {first})"
 
 
 def latest_checkpoint(run_dir):
@@ -71,7 +130,8 @@ def latest_checkpoint(run_dir):
         try:
             return p, load_checkpoint(p)
         except Exception as e:  # a damaged file must not block resuming from an older one
-            warnings.warn(f"skipping unreadable checkpoint {p}: {e}", DeepAtlasWarning, stacklevel=2)
+            warnings.warn(f"skipping unreadable checkpoint {p}: {unreadable_reason(p, e)}", DeepAtlasWarning,
+                          stacklevel=2)
     return None, None
 
 

@@ -24,7 +24,8 @@ Run directory (RUN_DIR)::
     config.json          resolved config (defaults <- --config file <- --set overrides)
     run.json             {"plan": [stages], "data": datalist/folder used, "version": package version}
     preprocessing.json   label table (original values of classes 0..C-1), intensity percentiles,
-                         downsampling factor, pad multiple, training spacing and grid (see data/preprocess.py)
+                         downsampling factor, pad multiple, training spacing, shape and affine
+                         (see data/preprocess.py)
     checkpoints/ckpt-GGGGGGGG.pt   G = global step over the plan; written atomically (temp + rename);
                          keys: format, plan, stage, stage_step, global_step, completed (stages done),
                          reg, seg (state dicts), optim, sched (per trained net), rng, config and
@@ -33,9 +34,12 @@ Run directory (RUN_DIR)::
     curves.png           training curves
     eval/                written by ``deepatlas-fast evaluate`` (see inference/evaluation.py)
 
-Checkpoints load with ``torch.load(weights_only=True)``. ``resume=True`` continues from the
-latest checkpoint exactly: each step draws its pairs from a generator seeded by (seed, stage,
-step, rank), so the resumed run sees the same data as an uninterrupted one.
+A new run starts only in an empty or new RUN_DIR (``overwrite=True`` removes an earlier run's
+files first, see run_folder.py). Checkpoints load with ``torch.load(weights_only=True)``.
+``resume=True`` continues from the latest checkpoint exactly: each step draws its pairs from a
+generator seeded by (seed, stage, step, rank), so the resumed run sees the same data as an
+uninterrupted one. A resume that would change the nets, the preprocessing, the optimiser state
+of the stage in progress or the data's grid is refused before the folder is written.
 
 Multi-process: launch with ``torchrun --nproc_per_node N -m deepatlas_fast.cli train ...``; each
 process trains on ``train.batch_size`` pairs of a global batch drawn identically on all ranks,
@@ -55,10 +59,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import __version__
-from ..errors import DataError, DeepAtlasError, DeepAtlasWarning
+from ..errors import ConfigError, DataError, DeepAtlasError, DeepAtlasWarning
 from .checkpoint import (CKPT_FORMAT, atomic_write_text, latest_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
-from .config import STAGES, load_config, merge, save_config, validate
+                         set_rng_state, temp_files)
+from .config import DEFAULTS, STAGES, load_config, merge, save_config, validate
+from .run_folder import check_new_run_folder, clear_run
 from .metrics import dice_per_class
 from ..data.datasets import PairSampler, VolumeDataset, check_grids, infer_label_table, read_data
 from ..data.io import LabelTable
@@ -411,8 +416,9 @@ def build_preprocessing(cfg: dict, entries, ref) -> Preprocessing:
         table = LabelTable.from_file(d["labels"])
     reg_mult = 2 ** (len(cfg["model"]["reg_enc"]) - 1)
     seg_mult = 2 ** (len(cfg["model"]["seg_enc"]) - 1)
+    affine = None if ref[1] is None else np.asarray(ref[1], dtype=float).tolist()
     return Preprocessing(table.values, tuple(d["percentiles"]), d["downsample"], max(reg_mult, seg_mult),
-                         spacing=tuple(ref[2]), shape=tuple(ref[0]))
+                         spacing=tuple(ref[2]), shape=tuple(ref[0]), affine=affine)
 
 
 def _data_ref(data):
@@ -422,21 +428,27 @@ def _data_ref(data):
 
 
 def train(config=None, data=None, out_dir=None, *, stage: str = "all", resume: bool = False, init=None,
-          overrides=(), progress: bool = True) -> Path:
+          overrides=(), progress: bool = True, overwrite: bool = False) -> Path:
     """Train DeepAtlas; returns the run directory.
 
     config: YAML/JSON path, a (partial) config dict, or None for defaults; ``overrides`` are
     ``"key.sub=value"`` strings applied last. data: datalist JSON, folder, or {split: [...]} dict
     (optional with ``resume``: the run's own data is reused). init: a run directory whose latest
-    weights initialise both nets (e.g. pretrained seg/reg runs before ``stage="da"``)."""
+    weights initialise both nets (e.g. pretrained seg/reg runs before ``stage="da"``).
+
+    A new run needs an empty or new ``out_dir``; ``overwrite=True`` first removes the files of a
+    run already there (run_folder.py). Everything (config, checkpoint, data) is checked before the
+    folder is touched, so a refused or failing start leaves it as it was."""
     if stage not in STAGES:
         raise DeepAtlasError(f"stage must be one of {STAGES}, got {stage!r}")
     if out_dir is None:
         raise DeepAtlasError("out_dir is required")
+    if resume and overwrite:
+        raise DeepAtlasError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     run_dir = Path(out_dir)
     rank, _ = _dist_info()
-    ckpt_path, ckpt = latest_checkpoint(run_dir)
     if resume:
+        ckpt_path, ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
         cfg = json.loads(ckpt["config"])
@@ -448,6 +460,7 @@ def train(config=None, data=None, out_dir=None, *, stage: str = "all", resume: b
             from .config import apply_overrides
             apply_overrides(cfg, overrides)
         validate(cfg)
+        _check_resume_config(cfg, ckpt, ckpt_path)
         prep = Preprocessing.from_dict(json.loads(ckpt["preprocessing"]))
         run_info = json.loads((run_dir / "run.json").read_text())
         plan = ckpt["plan"]
@@ -455,8 +468,7 @@ def train(config=None, data=None, out_dir=None, *, stage: str = "all", resume: b
         if data is None:
             raise DeepAtlasError("--resume: the run did not record its data; pass --data")
     else:
-        if ckpt is not None:
-            raise FileExistsError(f"{run_dir} already holds a run ({ckpt_path.name}); use --resume or another --out")
+        check_new_run_folder(run_dir, overwrite=overwrite)
         cfg = load_config(None, overrides) if config is None else (
             load_config(config, overrides) if not isinstance(config, dict)
             else _from_dict(config, overrides))
@@ -469,6 +481,8 @@ def train(config=None, data=None, out_dir=None, *, stage: str = "all", resume: b
     if not entries:
         raise DataError(f"{data}: the 'training' split is empty")
     ref = check_grids(entries, cfg["data"]["resample"])
+    if resume:
+        _check_resume_grid(prep, ref, data, run_dir)
     init_ckpt = None
     if init is not None and not resume:
         _, init_ckpt = latest_checkpoint(init)
@@ -482,15 +496,6 @@ def train(config=None, data=None, out_dir=None, *, stage: str = "all", resume: b
     train_ds = VolumeDataset(entries, prep, **kw)
     val_ds = VolumeDataset(splits["validation"], prep, **kw) if splits["validation"] else None
 
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
-        atomic_write_text(json.dumps(prep.to_dict(), indent=2) + "\n", run_dir / "preprocessing.json")
-        atomic_write_text(json.dumps({"plan": plan, "data": _data_ref(data), "version": __version__}, indent=2) + "\n",
-                          run_dir / "run.json")
-        if resume:
-            _truncate_metrics(run_dir / "metrics.jsonl", ckpt["global_step"])
-
     trainer = Trainer(cfg, prep, train_ds, val_ds, run_dir, progress=progress)
     if resume:
         for k in ("reg", "seg"):
@@ -498,8 +503,86 @@ def train(config=None, data=None, out_dir=None, *, stage: str = "all", resume: b
     elif init_ckpt is not None:
         for k in ("reg", "seg"):
             trainer.nets[k].load_state_dict(init_ckpt[k])
+
+    # every rank has passed the checks above before rank 0 changes the folder they looked at
+    _barrier()
+    if rank == 0:
+        if overwrite:
+            clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for p in temp_files(run_dir):  # left by a write that was killed before its rename
+            p.unlink(missing_ok=True)
+        save_config(cfg, run_dir / "config.json")
+        atomic_write_text(json.dumps(prep.to_dict(), indent=2) + "\n", run_dir / "preprocessing.json")
+        atomic_write_text(json.dumps({"plan": plan, "data": _data_ref(data), "version": __version__}, indent=2) + "\n",
+                          run_dir / "run.json")
+        if resume:
+            _truncate_metrics(run_dir / "metrics.jsonl", ckpt["global_step"])
     trainer.fit(plan, ckpt if resume else None)
     return run_dir
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[int(os.environ.get("LOCAL_RANK", "0"))])
+        else:
+            dist.barrier()
+
+
+# config keys the checkpoint fixes: the nets' architecture, and the preprocessing the weights were
+# trained with (taken from the checkpoint on resume, so a new value would only be recorded, not used)
+_FIXED_BY_CHECKPOINT = [("model", k) for k in DEFAULTS["model"] if k != "channels_last"] + \
+    [("data", "labels"), ("data", "percentiles"), ("data", "downsample")]
+# optimiser and schedule settings that a stage's saved optimiser and scheduler states carry
+_FIXED_IN_STAGE = ("lr", "weight_decay", "lr_schedule", "lr_step")
+
+
+def _check_resume_config(cfg: dict, ckpt: dict, ckpt_path) -> None:
+    """Refuses a config that the checkpoint cannot continue with (before anything is written)."""
+    old = json.loads(ckpt["config"])
+    fix = "; train a new run for that (another --out, or --overwrite)"
+    for section, key in _FIXED_BY_CHECKPOINT:
+        was, now = old.get(section, {}).get(key), cfg[section].get(key)
+        if now != was:
+            raise ConfigError(f"--resume: {section}.{key} is {was!r} in the run's checkpoint {ckpt_path.name}, "
+                              f"{now!r} now; the architecture and preprocessing of a run cannot change{fix}")
+    stage = ckpt["stage"]
+    if stage in ckpt["completed"]:
+        return
+    done, schedule = ckpt["stage_step"], stage_schedule(stage, cfg)
+    if len(schedule) < done:
+        raise ConfigError(f"--resume: train.steps.{stage}={len(schedule)} is below the {done} steps of stage "
+                          f"{stage} that {ckpt_path.name} has done")
+    trains, trained = sorted(set(schedule)), sorted(ckpt["optim"])
+    if trains != trained:
+        raise ConfigError(f"--resume: stage {stage} is in progress training {'+'.join(trained)}, the config now "
+                          f"trains {'+'.join(trains) or 'nothing'} (train.semi_da_train, train.k_reg/k_seg); finish "
+                          "the stage as it was")
+    t, was = cfg["train"], old.get("train", {})
+    for key in _FIXED_IN_STAGE:
+        if key == "lr_step" and "step" not in (t["lr_schedule"], was.get("lr_schedule")):
+            continue
+        if t[key] != was.get(key):
+            raise ConfigError(f"--resume: train.{key} is {was.get(key)!r} in stage {stage}, in progress in "
+                              f"{ckpt_path.name}, and {t[key]!r} now; its optimiser and schedule continue from "
+                              "the checkpoint, so it can change only between stages")
+
+
+def _check_resume_grid(prep: Preprocessing, ref, data, run_dir) -> None:
+    """Refuses resuming on data whose grid differs from the run's (preprocessing.json)."""
+    shape, affine, spacing = ref
+    diffs = []
+    if prep.shape is not None and tuple(shape) != tuple(prep.shape):
+        diffs.append(f"shape {tuple(shape)}, the run's {tuple(prep.shape)}")
+    if prep.spacing is not None and not np.allclose(spacing, prep.spacing, rtol=1e-4, atol=1e-6):
+        diffs.append(f"voxel size {tuple(round(float(v), 4) for v in spacing)} mm, the run's "
+                     f"{tuple(round(float(v), 4) for v in prep.spacing)} mm")
+    if prep.affine is not None and affine is not None and not np.allclose(affine, prep.affine, atol=1e-3):
+        diffs.append(f"affine {np.round(affine, 3).tolist()}, the run's {np.round(prep.affine, 3).tolist()}")
+    if diffs:
+        raise DataError(f"--resume: {data} is on another grid than the run in {run_dir} ({'; '.join(diffs)}); "
+                        "resume with the run's data, or train a new run on this data (e.g. --init the run)")
 
 
 def _from_dict(config: dict, overrides) -> dict:
