@@ -1,7 +1,10 @@
 """The package's error types, and the command line's one-line messages for them (only them)."""
 import sys
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from deepatlas_fast.cli import main
 from deepatlas_fast.errors import (ConfigError, ConfigKeyError, DataError, DeepAtlasError, DeepAtlasWarning,
@@ -67,3 +70,27 @@ def test_demo_checks_update_doc_before_running(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "out"), "--update-doc", str(doc)]) == 2
     assert "<!-- demo:quick:start -->" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,message", [("tpu", "'cpu', 'cuda' or 'cuda:N'"), ("", "'cpu', 'cuda' or 'cuda:N'"),
+                                          ("meta", "runs on 'cpu' or 'cuda'"), ("cuda:9999", "CUDA device")])
+def test_devices_this_machine_lacks_are_clear_errors(name, message):
+    from deepatlas_fast.devices import resolve_device
+    from deepatlas_fast.errors import DeepAtlasError
+    with pytest.raises(DeepAtlasError, match=message):
+        resolve_device(name)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device exists")
+def test_cli_device_without_cuda_is_one_line(tmp_path_factory, tmp_path, capsys):
+    from _synth import tiny_run
+    from deepatlas_fast.cli import main
+    dl, run = tiny_run(tmp_path_factory.getbasetemp())
+    img = str(Path(dl).parent / "img0.nii.gz")
+    assert main(["segment", "--run", str(run), img, "-o", str(tmp_path / "s.nii.gz"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device is available" in err and err.count("\n") == 1
+    assert main(["train", "--data", str(dl), "--out", str(tmp_path / "r"), "--set", "device=cuda:1"]) == 2
+    assert "no CUDA device is available" in capsys.readouterr().err and not (tmp_path / "r").exists()

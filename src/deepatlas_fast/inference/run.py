@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..errors import DataError, DeepAtlasError, DeepAtlasWarning
 from ..data.io import load_header, load_nifti, save_nifti
 from ..nn.nets import build_nets
@@ -35,7 +36,7 @@ class Run:
     def __init__(self, ckpt: dict, *, device="cpu", source: str = "?"):
         self.config = json.loads(ckpt["config"])
         self.prep = Preprocessing.from_dict(json.loads(ckpt["preprocessing"]))
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.reg_net, self.seg_net = build_nets(self.config["model"], self.prep.num_classes)
         self.reg_net.load_state_dict(ckpt["reg"])
         self.seg_net.load_state_dict(ckpt["seg"])

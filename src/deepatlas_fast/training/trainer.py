@@ -59,6 +59,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import __version__
+from ..devices import resolve_device
 from ..errors import ConfigError, DataError, DeepAtlasError, DeepAtlasWarning
 from .checkpoint import (CKPT_FORMAT, atomic_write_text, latest_checkpoint, rng_state, save_checkpoint,
                          set_rng_state, temp_files)
@@ -84,14 +85,6 @@ def _dist_info():
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def _step_generator(seed: int, stage: str, step: int) -> torch.Generator:
@@ -128,7 +121,7 @@ class Trainer:
         self.cfg, self.prep, self.ds, self.val_ds = cfg, prep, train_ds, val_ds
         self.run_dir = Path(run_dir)
         self.rank, self.world = _dist_info()
-        self.device = _device(cfg["device"])
+        self.device = resolve_device(cfg["device"])
         self.progress = progress and self.rank == 0
         torch.manual_seed(cfg["seed"])
         self.C = prep.num_classes
