@@ -46,6 +46,11 @@ def read_datalist(path) -> dict:
             if not isinstance(item, dict) or "image" not in item:
                 raise DataError(f"{path}: {split}[{i}] must be an object with an 'image' path")
             lab = item.get("label")
+            for key, value in (("image", item["image"]), ("label", lab)):
+                if not (isinstance(value, str) and value.strip() and "\x00" not in value) \
+                        and not (key == "label" and value in (None, "")):
+                    raise DataError(f"{path}: {split}[{i}].{key} must be a file path (a non-empty string), "
+                                    f"got {value!r}"[:300])
             out[split].append({"image": _resolve(path.parent, item["image"], path),
                                "label": None if lab in (None, "") else _resolve(path.parent, lab, path)})
     return out
