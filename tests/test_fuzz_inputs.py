@@ -36,3 +36,36 @@ def test_any_datalist_reads_or_fails_with_one_clear_line(tmp_path, raw):
     for split in ("training", "validation", "test"):
         for e in out[split]:
             assert e["image"].is_file() and (e["label"] is None or e["label"].is_file())
+
+
+def test_files_of_the_wrong_kind_are_named(tmp_path):
+    """An image given as a datalist, a binary or non-integer label file, a damaged run.json."""
+    import pytest
+
+    from deepatlas_fast.data.io import LabelTable
+    from deepatlas_fast.errors import DataError
+    from deepatlas_fast.training.run_folder import read_run_info
+    (tmp_path / "x.nii.gz").write_bytes(b"\x1f\x8b\x08\x00\xff\xfe")
+    with pytest.raises(DataError, match="x.nii.gz is an image"):
+        read_datalist(tmp_path / "x.nii.gz")
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00{")
+    with pytest.raises(DataError, match="bin.json: not a datalist .not valid JSON"):
+        read_datalist(tmp_path / "bin.json")
+    (tmp_path / "labels.txt").write_text("0 2 3\n4 five # comment\n")
+    with pytest.raises(DataError, match="labels.txt: 'five' is not an integer label value"):
+        LabelTable.from_file(tmp_path / "labels.txt")
+    (tmp_path / "labels.bin").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(DataError, match="labels.bin: not a text file"):
+        LabelTable.from_file(tmp_path / "labels.bin")
+    assert LabelTable.from_file(_write(tmp_path / "ok.txt", "2, 3 # x\n17\n")).values == [0, 2, 3, 17]
+    (tmp_path / "run").mkdir()
+    assert read_run_info(tmp_path / "run") == {}
+    for bad in ("{", "[1, 2]"):
+        (tmp_path / "run" / "run.json").write_text(bad)
+        with pytest.raises(DataError, match="run.json: damaged"):
+            read_run_info(tmp_path / "run")
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

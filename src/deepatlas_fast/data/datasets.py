@@ -28,10 +28,12 @@ PAIR_KINDS = ("LL", "LU", "UL", "UU")  # first letter: moving image, second: tar
 def read_datalist(path) -> dict:
     """Datalist JSON -> {split: [{"image": Path, "label": Path | None}, ...]}."""
     path = Path(path)
+    if is_nifti(path):
+        raise DataError(f"{path} is an image: data is a datalist JSON or a folder of images/ and labels/")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a datalist (not valid JSON: {e})") from None
     if not isinstance(raw, dict) or not any(k in raw for k in SPLITS):
         raise DataError(f"{path}: a datalist is a JSON object with a 'training', 'validation' or 'test' list")
     out = {}

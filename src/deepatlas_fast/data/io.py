@@ -126,5 +126,15 @@ class LabelTable:
     @classmethod
     def from_file(cls, path) -> "LabelTable":
         """A text file of label values (whitespace or comma separated); '#' starts a comment."""
-        text = "\n".join(line.split("#")[0] for line in Path(path).read_text().splitlines())
-        return cls(int(t) for t in text.replace(",", " ").split())
+        try:
+            text = "\n".join(line.split("#")[0] for line in Path(path).read_text().splitlines())
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not a text file of label values") from None
+        values = []
+        for t in text.replace(",", " ").split():
+            try:
+                values.append(int(t))
+            except ValueError:
+                raise DataError(f"{path}: {t[:40]!r} is not an integer label value (a label file lists "
+                                "integers, whitespace or comma separated; '#' starts a comment)") from None
+        return cls(values)

@@ -35,6 +35,7 @@ from ..errors import DataError, DeepAtlasError
 from ..data.datasets import VolumeDataset, check_grids, read_data
 from ..data.io import LabelTable
 from ..training.metrics import dice_per_class, folding_fraction
+from ..training.run_folder import read_run_info
 from .run import Run, load_run
 
 
@@ -84,9 +85,9 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
         run_dir = Path(run)
         run = load_run(run_dir)
     if data is None:
-        if run_dir is None or not (run_dir / "run.json").is_file():
+        if run_dir is None:
             raise DeepAtlasError("data is required")
-        data = json.loads((run_dir / "run.json").read_text()).get("data")
+        data = read_run_info(run_dir).get("data")
         if data is None:
             raise DeepAtlasError("the run did not record its data; pass --data")
     splits = read_data(data)

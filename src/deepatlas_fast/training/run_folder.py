@@ -44,3 +44,21 @@ def clear_run(run_dir) -> None:
         ev.unlink()
     elif ev.is_dir():
         shutil.rmtree(ev)
+
+
+def read_run_info(run_dir) -> dict:
+    """RUN/run.json ({"plan", "data", "version"}) -> dict; {} where there is none. A damaged file
+    is an error naming it."""
+    import json
+
+    from ..errors import DataError
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: damaged ({type(e).__name__}: {e}); it records the run's data: pass --data") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: damaged (a JSON object expected); it records the run's data: pass --data")
+    return info

@@ -64,7 +64,7 @@ from ..errors import ConfigError, DataError, DeepAtlasError, DeepAtlasWarning
 from .checkpoint import (CKPT_FORMAT, atomic_write_text, latest_checkpoint, rng_state, save_checkpoint,
                          set_rng_state, temp_files)
 from .config import DEFAULTS, STAGES, load_config, merge, save_config, validate
-from .run_folder import check_new_run_folder, clear_run
+from .run_folder import check_new_run_folder, clear_run, read_run_info
 from .metrics import dice_per_class
 from ..data.datasets import PairSampler, VolumeDataset, check_grids, infer_label_table, read_data
 from ..data.io import LabelTable
@@ -455,9 +455,8 @@ def train(config=None, data=None, out_dir=None, *, stage: str = "all", resume: b
         validate(cfg)
         _check_resume_config(cfg, ckpt, ckpt_path)
         prep = Preprocessing.from_dict(json.loads(ckpt["preprocessing"]))
-        run_info = json.loads((run_dir / "run.json").read_text())
         plan = ckpt["plan"]
-        data = data if data is not None else run_info.get("data")
+        data = data if data is not None else read_run_info(run_dir).get("data")
         if data is None:
             raise DeepAtlasError("--resume: the run did not record its data; pass --data")
     else:

@@ -31,16 +31,13 @@ def add_arguments(p):
 
 def atlas_pairs(spec, run_dir) -> list:
     """(image, label) paths of the atlases: labelled training images of a datalist or of the run's data."""
-    import json
-    from pathlib import Path
-
     from ...data.datasets import read_data
+    from ...training.run_folder import read_run_info
     if spec == _RUN_ATLASES:
         if run_dir is None:
             raise DeepAtlasError("--atlas without a datalist takes the run's training images: give a datalist "
                                  "with --onnx")
-        meta = Path(run_dir) / "run.json"
-        data = json.loads(meta.read_text()).get("data") if meta.is_file() else None
+        data = read_run_info(run_dir).get("data")
         if data is None:
             raise DeepAtlasError(f"{run_dir} does not record its data: give the atlases as --atlas DATALIST")
         spec = data
