@@ -1,4 +1,5 @@
 """CLI: parser, train/segment/register/evaluate from the command line, NIfTI outputs, errors."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,27 @@ def test_outputs_are_checked_before_any_work(tmp_path_factory, tmp_path, capsys)
         assert msg in err and err.count("\n") == 1, (argv, err)
     assert all(Path(p).read_bytes() == b for p, b in before.items())
     assert not (tmp_path / "w.nii.gz").exists() and not (tmp_path / "p.nii.gz").exists()
+
+
+def test_refine_settings_from_the_command_line(tmp_path_factory, tmp_path, capsys):
+    """--set refine.KEY=VALUE changes the refinement of evaluate / register / segment --atlas; any
+    other key, a bad value or --set without --refine is one line before work."""
+    dl, run = tiny_run(tmp_path_factory.getbasetemp())
+    data = Path(dl).parent
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--run", str(run), "--data", str(dl), "--split", "training", "--max-pairs", "1",
+                 "--refine", "2", "--set", "refine.lambda_r=0.5", "--set", "refine.levels=[2, 1]",
+                 "--out", str(out), "--no-figures", "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["refine"]["lambda_r"] == 0.5 and s["refine"]["levels"] == [2, 1] and s["refine"]["iterations"] == 2
+    base = ["register", "--run", str(run), str(data / "img0.nii.gz"), str(data / "img1.nii.gz"),
+            "-o", str(tmp_path / "w.nii.gz")]
+    capsys.readouterr()
+    for extra, msg in ((["--set", "refine.lambda_r=1"], "give --refine N too"),
+                       (["--refine", "2", "--set", "train.lr=1"], "only refine.* settings"),
+                       (["--refine", "2", "--set", "refine.window=4"], "refine.window must be odd"),
+                       (["--refine", "2", "--set", "refine.bogus=1"], "unknown config key 'refine.bogus'")):
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+    assert not (tmp_path / "w.nii.gz").exists()

@@ -61,7 +61,7 @@ def _summary(rows, structures):
 
 
 def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_pairs: int = 20,
-             atlases=None, refine: int = 0, weighting: str = "mean", figures: bool = True,
+             atlases=None, refine=0, weighting: str = "mean", figures: bool = True,
              progress: bool = True) -> dict:
     """Evaluate ``run`` (a run directory or a ``Run``) on a split of ``data`` -> summary dict.
 
@@ -69,8 +69,8 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
     structures: label values to score (default: all non-zero values of the run's label table).
     atlases: labelled images [{"image": path, "label": path}] on the split's grid, scored as
     atlas-copy and atlas-registration segmentations of every labelled image of the split.
-    refine: iterations per level of test-time refinement (0: none), for the "reg_refined" rows and
-    the multi-atlas rows; weighting: atlas weights of the fusion ("mean" or "lncc")."""
+    refine: iterations per level of test-time refinement (0: none) or ``RefineSettings``, for the
+    "reg_refined" rows and the multi-atlas rows; weighting: atlas weights of the fusion ("mean" or "lncc")."""
     import time
 
     from tqdm import tqdm
@@ -106,7 +106,7 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
     missing = [v for v in structures if v not in table.values]
     if missing:
         raise DeepAtlasError(f"structures {missing} are not in the run's label table {table.values}")
-    run.refine_settings(refine)  # bad settings fail before any work
+    refine = run.refine_settings(refine)  # bad settings fail before any work
     resample = run.config["data"]["resample"]
     entries = splits[split]
     ref = check_grids(entries, resample)
@@ -139,7 +139,7 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
         (mi, ml), (ti, tl) = orig(i), orig(j)
         base_rows.append(((names[i], names[j]), dice_per_class(ml, tl, structures)))
         for key, rows, n in (("reg", reg_rows, 0), ("reg_refined", refined_rows, refine)):
-            if key == "reg_refined" and not refine:
+            if key == "reg_refined" and not refine.iterations:
                 continue
             t0 = time.perf_counter()
             res = run.register(mi, ti, ml, refine=n)
@@ -178,7 +178,7 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
     _write_csv(out_dir / "dice_seg.csv", ["image"], seg_rows, structures)
     _write_csv(out_dir / "dice_reg.csv", ["moving", "target", "folding_fraction"], reg_rows, structures)
     _write_csv(out_dir / "dice_unregistered.csv", ["moving", "target"], base_rows, structures)
-    if refine:
+    if refine.iterations:
         _write_csv(out_dir / "dice_reg_refined.csv", ["moving", "target", "folding_fraction"], refined_rows, structures)
     summary = {"split": split, "run": run.source, "structures": structures,
                "seg": _summary(seg_rows, structures), "reg": _summary(reg_rows, structures),
@@ -188,9 +188,9 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
         summary["atlas_reg"] = _summary(atlas_rows, structures)
         summary["atlas_fused"] = _summary(fused_rows, structures)
         summary["net_atlas"] = _summary(net_atlas_rows, structures)
-    if refine:
+    if refine.iterations:
         summary["reg_refined"] = _summary(refined_rows, structures)
-        summary["refine"] = run.refine_settings(refine).to_dict()
+        summary["refine"] = refine.to_dict()
     for key in ("reg", "reg_refined"):
         if summary.get(key) is not None:
             summary[key]["folding_fraction"] = float(np.mean(folds[key]))

@@ -124,11 +124,21 @@ class Run:
         return segment_with_atlases(self, image, atlases, fuse=fuse, weighting=weighting, refine=refine,
                                     progress=progress)
 
-    def refine_settings(self, refine: int | RefineSettings | None) -> RefineSettings:
-        """The run config's ``refine`` section with ``refine`` iterations (or the given settings)."""
+    def refine_settings(self, refine: int | RefineSettings | None, overrides=()) -> RefineSettings:
+        """The run config's ``refine`` section with ``refine`` iterations (or the given settings);
+        ``overrides``: ``["refine.lambda_r=1", ...]`` applied to that section first."""
         if isinstance(refine, RefineSettings):
             return refine
-        return RefineSettings.from_dict(self.config.get("refine"), iterations=refine if refine is not None else 0)
+        section = dict(self.config.get("refine") or {})
+        if overrides:
+            from ..training.config import apply_overrides, default_config
+            bad = [o for o in overrides if not str(o).startswith("refine.")]
+            if bad:
+                raise DeepAtlasError(f"--set: only refine.* settings can change after training, got {bad}")
+            cfg = {"refine": {**default_config()["refine"], **section}}
+            apply_overrides(cfg, overrides)
+            section = cfg["refine"]
+        return RefineSettings.from_dict(section, iterations=refine if refine is not None else 0)
 
     # -- files
     def segment_file(self, image_path, out_path) -> Path:

@@ -13,6 +13,8 @@ def add_arguments(p):
     p.add_argument("--structures", help="label values to score: a text file or comma-separated list "
                                         "(default: all labels of the run)")
     p.add_argument("--max-pairs", type=int, default=20, help="registration pairs evaluated (default 20)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="refine.KEY=VALUE",
+                   help="with --refine: change a refinement setting of the run config, e.g. --set refine.lambda_r=1")
     p.add_argument("--refine", type=int, default=0, metavar="N",
                    help="also score F_R's fields refined for N iterations per level (test-time optimisation)")
     p.add_argument("--atlas", nargs="?", const="run", metavar="DATALIST",
@@ -34,6 +36,8 @@ def run(args) -> int:
         raise DeepAtlasError(f"--max-pairs must be >= 0, got {args.max_pairs}")
     if args.refine < 0:
         raise DeepAtlasError(f"--refine must be >= 0, got {args.refine}")
+    if args.overrides and not args.refine:
+        raise DeepAtlasError("--set changes refinement settings: give --refine N too")
     atlases = None
     if args.atlas is not None:
         atlases = [{"image": str(i), "label": str(lab)} for i, lab in atlas_pairs(args.atlas, args.run)]
@@ -50,8 +54,12 @@ def run(args) -> int:
         if not structures or 0 in structures:
             raise DeepAtlasError(f"--structures: label values of structures, background (0) excluded, "
                                  f"got {args.structures!r}")
+    refine = args.refine
+    if args.overrides:
+        from ...inference.run import load_run
+        refine = load_run(args.run).refine_settings(args.refine, args.overrides)
     s = evaluate(args.run, args.data, split=args.split, out_dir=args.out, structures=structures,
-                 max_pairs=args.max_pairs, atlases=atlases, refine=args.refine, weighting=args.weighting,
+                 max_pairs=args.max_pairs, atlases=atlases, refine=refine, weighting=args.weighting,
                  figures=not args.no_figures, progress=not args.no_progress)
     keys = ("seg", "reg", "unregistered", "reg_refined", "atlas_copy", "atlas_reg", "atlas_fused", "net_atlas")
     short = {k: (None if s[k] is None else {kk: vv for kk, vv in s[k].items() if kk != "per_structure"})

@@ -16,6 +16,8 @@ def add_arguments(p):
     p.add_argument("--labels", help="label map of the moving image, to warp along")
     p.add_argument("--labels-out", help="warped moving labels (original label values)")
     p.add_argument("--disp-out", help="displacement field, shape (D, H, W, 3), voxels, i/j/k order")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="refine.KEY=VALUE",
+                   help="with --refine: change a refinement setting of the run config, e.g. --set refine.lambda_r=1")
     p.add_argument("--refine", type=int, default=0, metavar="N",
                    help="refine F_R's field for N Adam iterations per level (test-time optimisation; "
                         "PyTorch runs only, the run config's refine section gives the other settings)")
@@ -29,6 +31,8 @@ def add_arguments(p):
 def run(args) -> int:
     if (args.labels is None) != (args.labels_out is None):
         raise DeepAtlasError("--labels and --labels-out go together")
+    if args.overrides and not args.refine:
+        raise DeepAtlasError("--set changes refinement settings: give --refine N too")
     if args.no_net and not args.refine:
         raise DeepAtlasError("--no-net needs --refine N (N > 0): without F_R the field comes from the refinement")
     if args.onnx is not None and args.refine:
@@ -44,7 +48,8 @@ def run(args) -> int:
         from ...inference.run import load_run
         model, where = load_run(args.run, device=args.device or "cpu"), ""
     model.register_file(args.moving, args.target, args.output, labels=args.labels,
-                        labels_out=args.labels_out, disp_out=args.disp_out, refine=args.refine,
+                        labels_out=args.labels_out, disp_out=args.disp_out,
+                        refine=model.refine_settings(args.refine, args.overrides),
                         net=not args.no_net, progress=not args.no_progress and args.refine > 0)
     print(f"wrote {args.output}" + (f", {args.labels_out}" if args.labels_out else "")
           + (f", {args.disp_out}" if args.disp_out else "") + where)

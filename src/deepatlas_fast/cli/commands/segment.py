@@ -22,6 +22,8 @@ def add_arguments(p):
                    help="with --atlas: the atlases alone, or averaged with F_S's probabilities (default atlas)")
     p.add_argument("--weighting", choices=("mean", "lncc"), default="mean",
                    help="with --atlas: equal atlas weights, or weighted per voxel by local NCC (default mean)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="refine.KEY=VALUE",
+                   help="with --refine: change a refinement setting of the run config, e.g. --set refine.lambda_r=1")
     p.add_argument("--refine", type=int, default=0, metavar="N",
                    help="with --atlas: refine each atlas's field for N iterations per level (PyTorch runs only)")
     p.add_argument("--device", help="PyTorch device (default cpu); with --onnx: auto (CUDA EP if available, "
@@ -49,11 +51,13 @@ def atlas_pairs(spec, run_dir) -> list:
 
 def run(args) -> int:
     atlas_only = [f for f, on in (("--fuse", args.fuse != "atlas"), ("--weighting", args.weighting != "mean"),
-                                  ("--refine", args.refine != 0)) if on]
+                                  ("--refine", args.refine != 0), ("--set", bool(args.overrides))) if on]
     if args.atlas is None and atlas_only:
         raise DeepAtlasError(f"{', '.join(atlas_only)} only apply with --atlas")
     if args.refine < 0:
         raise DeepAtlasError(f"--refine must be >= 0, got {args.refine}")
+    if args.overrides and not args.refine:
+        raise DeepAtlasError("--set changes refinement settings: give --refine N too")
     if args.onnx is not None and args.refine:
         raise DeepAtlasError("--refine needs gradients, which an ONNX model does not give: use --run")
     atlases = atlas_pairs(args.atlas, args.run) if args.atlas is not None else None
@@ -72,7 +76,7 @@ def run(args) -> int:
         out = model.segment_file(args.image, args.output)
     else:
         out = model.segment_atlas_file(args.image, args.output, atlases, fuse=args.fuse, weighting=args.weighting,
-                                       refine=args.refine, progress=not args.no_progress)
+                                       refine=model.refine_settings(args.refine, args.overrides), progress=not args.no_progress)
         where += f", {len(atlases)} atlas{'es' if len(atlases) > 1 else ''}, fuse {args.fuse}"
     print(f"wrote {out}{where}")
     return 0
