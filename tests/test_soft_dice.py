@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import deepatlas_fast as da
-from _devices import DEVICES
+from _devices import DEVICES, assert_one_device
 from _simd import DICE_LEVELS
 from reference import soft_dice_reference
 
@@ -268,6 +268,16 @@ def test_bad_dtypes_and_devices():
     with pytest.raises(ValueError, match="is on meta"):
         torch.ops.deepatlas_fast.soft_dice_sums.default.redispatch(
             torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), p, p.to("meta"), False)
+
+
+@pytest.mark.parametrize("name", ["soft_dice_sums", "soft_dice_sums_backward"])
+@pytest.mark.parametrize("labels", [False, True])
+def test_every_tensor_on_one_device(name, labels):
+    logits, target = inputs(2, 3, (4, 5), labels)
+    args = {"soft_dice_sums": (logits, target, True),
+            "soft_dice_sums_backward": (torch.rand(2, 3, 3, dtype=torch.float64), logits, target, True,
+                                        [True, True])}[name]
+    assert_one_device(getattr(torch.ops.deepatlas_fast, name), args)
 
 
 # ---- the CUDA kernel source, executed by the CUDA emulator ------------------------------

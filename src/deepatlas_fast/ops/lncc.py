@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import for_transforms, functorch_active, merge_batch_vmap, ops
+from ._library import check_one_device, for_transforms, functorch_active, merge_batch_vmap, ops
 
 
 def lncc(a: torch.Tensor, b: torch.Tensor, *, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
@@ -46,6 +46,7 @@ def lncc(a: torch.Tensor, b: torch.Tensor, *, window: int = 9, eps: float = 1e-5
 
 @torch.library.register_fake("deepatlas_fast::lncc")
 def _lncc_fake(a, b, window=9, eps=1e-5):
+    check_one_device("lncc", a=a, b=b)
     torch._check(a.dim() == 5, lambda: "lncc: a must be 5-D [B, C, D, H, W]")
     torch._check(a.shape == b.shape, lambda: "lncc: a and b must have one shape")
     return a.new_empty((a.shape[0],))
@@ -53,6 +54,7 @@ def _lncc_fake(a, b, window=9, eps=1e-5):
 
 @torch.library.register_fake("deepatlas_fast::lncc_backward")
 def _lncc_backward_fake(grad_out, a, b, window, eps, output_mask):
+    check_one_device("lncc_backward", a=a, b=b, grad_out=grad_out)
     return (a.new_empty(a.shape if output_mask[0] else (0,)),
             b.new_empty(b.shape if output_mask[1] else (0,)))
 
