@@ -199,6 +199,10 @@ def test_torch_compile_traces_the_op():
         ((1, 1, 0, 4, 4), (1, 1, 0, 4, 4), {}, ValueError, "a is empty"),
         ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": 4}, ValueError, "window must be odd"),
         ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": 17}, ValueError, "window must be odd"),
+        ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": 3.5}, TypeError, "window must be an integer, got 3.5"),
+        ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": 9.0}, TypeError, "window must be an integer"),
+        ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": True}, TypeError, "window must be an integer"),
+        ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": "9"}, TypeError, "window must be an integer"),
         ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"eps": -1.0}, ValueError, "eps must be"),
     ],
 )

@@ -5,6 +5,8 @@ autograd. The kernels are in csrc/lncc/.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ._library import check_one_device, for_transforms, functorch_active, merge_batch_vmap, ops
@@ -36,7 +38,13 @@ def lncc(a: torch.Tensor, b: torch.Tensor, *, window: int = 9, eps: float = 1e-5
     CPU: float32/float64 with float64 sums, bitwise deterministic for any thread count.
     CUDA: also float16/bfloat16 with float32 sums; deterministic (no atomics), no host sync.
     """
-    window = int(window)
+    # bool is an int, and int() would truncate 3.5 to 3: neither is a window
+    try:
+        if isinstance(window, bool):
+            raise TypeError
+        window = operator.index(window)
+    except TypeError:
+        raise TypeError(f"lncc: window must be an integer, got {window!r}") from None
     if window < 3 or window > 15 or window % 2 == 0:
         raise ValueError(f"lncc: window must be odd and in [3, 15], got {window}")
     if functorch_active():  # torch.func transforms need setup_context (see for_transforms)
