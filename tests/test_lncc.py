@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import deepatlas_fast as da
-from _devices import DEVICES, devices_and_dtypes
+from _devices import DEVICES, assert_one_device, devices_and_dtypes
 from reference import lncc_reference
 
 
@@ -199,6 +199,10 @@ def test_torch_compile_traces_the_op():
         ((1, 1, 0, 4, 4), (1, 1, 0, 4, 4), {}, ValueError, "a is empty"),
         ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": 4}, ValueError, "window must be odd"),
         ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": 17}, ValueError, "window must be odd"),
+        ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": 3.5}, TypeError, "window must be an integer, got 3.5"),
+        ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": 9.0}, TypeError, "window must be an integer"),
+        ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": True}, TypeError, "window must be an integer"),
+        ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"window": "9"}, TypeError, "window must be an integer"),
         ((1, 1, 4, 4, 4), (1, 1, 4, 4, 4), {"eps": -1.0}, ValueError, "eps must be"),
     ],
 )
@@ -216,6 +220,13 @@ def test_bad_dtypes_and_devices():
     with pytest.raises(ValueError, match="is on meta"):
         torch.ops.deepatlas_fast.lncc.default.redispatch(
             torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), a, a.to("meta"), 9, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["lncc", "lncc_backward"])
+def test_every_tensor_on_one_device(name):
+    a, b = torch.rand(2, 1, 5, 5, 5), torch.rand(2, 1, 5, 5, 5)
+    args = {"lncc": (a, b, 3, 1e-5), "lncc_backward": (torch.ones(2), a, b, 3, 1e-5, [True, True])}[name]
+    assert_one_device(getattr(torch.ops.deepatlas_fast, name), args)
 
 
 # ---- the CUDA kernel source, executed by the CUDA emulator ------------------------------

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import deepatlas_fast as da
-from _devices import DEVICES
+from _devices import DEVICES, assert_one_device
 from _simd import DICE_LEVELS
 from reference import soft_dice_reference
 
@@ -173,6 +173,56 @@ def test_float32_logits_with_labels_on_both_cpu_paths(monkeypatch, simd, classes
     torch.testing.assert_close(ours[0].double(), theirs[0], rtol=1e-4, atol=1e-7)
 
 
+EXTREMES = (3e13, -3e13, 1e30, -1e30, 3e38, -3e38, float("-inf"))
+
+
+def extreme_logits(dtype, labels):
+    """Logits [2, 4, 5, 6, 7] of `dtype` whose voxels mix ordinary values with extremes: one or two
+    classes at a huge or very negative value, or every class at the same extreme; and a target."""
+    logits, target = inputs(2, 4, (5, 6, 7), labels)
+    z = logits.view(2, 4, -1)
+    n = len(EXTREMES)
+    for v in range(z.shape[-1]):
+        if v % 4 == 1:  # one class
+            z[:, v % 3, v] = EXTREMES[v % n]
+        elif v % 4 == 2:  # two classes
+            z[:, 0, v], z[:, 3, v] = EXTREMES[v % n], EXTREMES[(v // 4) % n]
+        elif v % 8 == 7:  # every class alike (not -inf, where torch.softmax gives NaN too)
+            z[:, :, v] = EXTREMES[(v // 8) % (n - 1)]
+    z[:, 1, 0], z[:, 2, 0] = 3e38, -3e38  # their difference overflows float32
+    logits = logits.to(dtype)
+    return logits, (target if labels else target.to(dtype))
+
+
+def assert_extremes_match_reference(sums_and_grads, dtype, labels):
+    logits, target = extreme_logits(dtype, labels)
+    ref_target = target if labels else target.double()
+    ref = soft_dice_reference(logits.double(), ref_target, from_logits=True)
+    g = torch.randn(2, 4, dtype=torch.float64)
+    theirs = grads(lambda p, t: soft_dice_reference(p, t, from_logits=True), logits.double(), ref_target, g)
+    out, ours = sums_and_grads(logits, target, g.to(dtype))
+    assert torch.isfinite(out).all() and all(torch.isfinite(o).all() for o in ours if o is not None)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    for o, t in zip(ours, theirs):
+        if t is not None:
+            torch.testing.assert_close(o.double(), t, **tol)
+
+
+@pytest.mark.parametrize("simd", DICE_LEVELS)
+@pytest.mark.parametrize("labels", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_logits_match_softmax(monkeypatch, simd, labels, dtype):
+    """Huge and very negative logits (+-1e30, +-3e38, -inf), mixed with ordinary ones: the fused
+    softmax saturates as torch.softmax does, forward and backward, on both CPU paths."""
+    monkeypatch.setenv("DEEPATLAS_FAST_SIMD", simd)
+
+    def run(logits, target, g):
+        return (da.soft_dice(logits, target, from_logits=True),
+                grads(lambda p, t: da.soft_dice(p, t, from_logits=True), logits, target, g))
+    assert_extremes_match_reference(run, dtype, labels)
+
+
 def test_only_requested_gradient():
     logits, target = inputs(1, 3, (4, 4, 4), False)
     p, t = logits.clone().requires_grad_(), target.clone().requires_grad_(False)
@@ -270,6 +320,16 @@ def test_bad_dtypes_and_devices():
             torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), p, p.to("meta"), False)
 
 
+@pytest.mark.parametrize("name", ["soft_dice_sums", "soft_dice_sums_backward"])
+@pytest.mark.parametrize("labels", [False, True])
+def test_every_tensor_on_one_device(name, labels):
+    logits, target = inputs(2, 3, (4, 5), labels)
+    args = {"soft_dice_sums": (logits, target, True),
+            "soft_dice_sums_backward": (torch.rand(2, 3, 3, dtype=torch.float64), logits, target, True,
+                                        [True, True])}[name]
+    assert_one_device(getattr(torch.ops.deepatlas_fast, name), args)
+
+
 # ---- the CUDA kernel source, executed by the CUDA emulator ------------------------------
 
 @pytest.mark.parametrize("labels", [False, True])
@@ -287,6 +347,17 @@ def test_cuda_kernels_under_emulator(labels, from_logits, launch, emulated):
     emu = emulated.soft_dice_sums_backward(g, probs, target, from_logits, [True, True], *launch)
     for o, e in zip(ours, emu):
         torch.testing.assert_close(e, o, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_extreme_logits_under_emulator(labels, emulated):
+    def run(logits, target, g):
+        sums = emulated.soft_dice_sums(logits, target, True, 32, 3).requires_grad_()
+        dice = (2 * sums[..., 0] + 1e-6) / (sums[..., 1] + sums[..., 2] + 1e-6)
+        grad_sums, = torch.autograd.grad(dice, sums, g)
+        gp, gt = emulated.soft_dice_sums_backward(grad_sums, logits, target, True, [True, True], 32, 3)
+        return dice.detach(), (gp, None if labels else gt)
+    assert_extremes_match_reference(run, torch.float32, labels)
 
 
 def test_labels_outside_the_classes_raise_under_emulator(emulated):

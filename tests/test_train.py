@@ -12,7 +12,7 @@ import torch
 from _synth import tiny_overrides, tiny_run, write_dataset
 from deepatlas_fast.training.config import load_config
 from deepatlas_fast.data.datasets import VolumeDataset, read_data
-from deepatlas_fast.errors import DeepAtlasWarning
+from deepatlas_fast.errors import ConfigError, DeepAtlasWarning
 from deepatlas_fast.training.checkpoint import CKPT_FORMAT, latest_checkpoint, list_checkpoints, save_checkpoint
 from deepatlas_fast.training.trainer import Trainer, build_preprocessing, train
 
@@ -198,3 +198,36 @@ def test_config_files_overrides_and_errors(tmp_path):
         load_config(None, ["train.lr"])
     with pytest.raises(ValueError, match="stage"):
         train(None, None, tmp_path / "x", stage="pretrain")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.window=9.5", r"loss.window must be an odd integer in \[3, 15\], got 9.5"),
+    ("loss.window=9e0", "loss.window must be an odd integer"),  # YAML 1.1 reads a string: 9.0
+    ("loss.window=true", "loss.window must be an odd integer"),
+    ("loss.window=8", "loss.window must be an odd integer"),
+    ("loss.window=1", "loss.window must be an odd integer"),
+    ("loss.window=17", "loss.window must be an odd integer"),
+    ("train.checkpoint_keep=-1", "train.checkpoint_keep must be an integer >= 0, got -1"),
+    ("train.checkpoint_keep=2.5", "train.checkpoint_keep must be an integer >= 0"),
+    ("train.val_every=-100", "train.val_every must be an integer >= 0"),
+    ("train.val_every=0.5", "train.val_every must be an integer >= 0"),
+    ("train.val_every=true", "train.val_every must be an integer >= 0"),
+    ("train.val_pairs=-1", "train.val_pairs must be an integer >= 0"),
+    ("train.val_pairs=1.5", "train.val_pairs must be an integer >= 0"),
+    ("train.batch_size=true", "train.batch_size must be a positive integer"),
+    ("loss.lambda_r=nan", "loss.lambda_r must be a finite number >= 0"),
+    ("loss.lambda_a=.nan", "loss.lambda_a must be a finite number >= 0"),
+    ("loss.lambda_a_seg=.inf", "loss.lambda_a_seg must be a finite number >= 0"),
+    ("loss.lambda_sp=-.inf", "loss.lambda_sp must be a finite number >= 0"),
+    ("loss.lambda_ce=inf", "loss.lambda_ce must be a finite number >= 0"),
+    ("loss.anatomy_confidence=.nan", "loss.anatomy_confidence must be a finite number >= 0"),
+])
+def test_bad_values_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_zero_and_edge_values_are_valid():
+    cfg = load_config(None, ["train.checkpoint_keep=0", "train.val_every=0", "train.val_pairs=0", "loss.window=15"])
+    assert (cfg["train"]["checkpoint_keep"], cfg["train"]["val_every"], cfg["train"]["val_pairs"]) == (0, 0, 0)
+    assert load_config(None, ["loss.window=3"])["loss"]["window"] == 3

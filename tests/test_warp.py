@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deepatlas_fast as da
-from _devices import DEVICES, devices_and_dtypes
+from _devices import DEVICES, assert_one_device, devices_and_dtypes
 from _simd import SCALAR, WARP_LEVELS, WARP_SIMD_LEVELS, at_simd_level
 from reference import warp_reference
 
@@ -267,6 +267,17 @@ def test_bad_dtypes_and_devices():
     with pytest.raises(ValueError, match="is on meta"):
         torch.ops.deepatlas_fast.warp.default.redispatch(
             torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), image, disp.to("meta"), "linear", "zeros")
+
+
+@pytest.mark.parametrize("name", ["warp", "warp_backward", "warp_with_loc_grad", "warp_backward_with_loc_grad"])
+def test_every_tensor_on_one_device(name):
+    image, disp = torch.rand(2, 1, 5, 5, 5), torch.rand(2, 3, 4, 5, 6)
+    grad_out, loc_grad = torch.rand(2, 1, 4, 5, 6), torch.rand(2, 3, 4, 5, 6)
+    args = {"warp": (image, disp, "linear", "zeros"),
+            "warp_backward": (grad_out, image, disp, "linear", "zeros", [True, True]),
+            "warp_with_loc_grad": (image, disp, "zeros"),
+            "warp_backward_with_loc_grad": (grad_out, image, disp, loc_grad, "zeros")}[name]
+    assert_one_device(getattr(torch.ops.deepatlas_fast, name), args)
 
 
 # ---- the CUDA kernel source, executed by the CUDA emulator ------------------------------

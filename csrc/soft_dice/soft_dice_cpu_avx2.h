@@ -30,6 +30,7 @@ inline bool cpu_supported() { return cpu_has_avx2() && cpu_has_fma(); }
 
 // exp_value<float> of soft_dice_math.h on 8 lanes (arguments <= 0; below -87 gives 0).
 DA_AVX2_INLINE __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);  // as exp_value; max_ps returns x if it is NaN
   const __m256 big = _mm256_set1_ps(12582912.0f);
   const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), big), big);
   x = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));

@@ -123,7 +123,9 @@ void test_softmax_exp() {
   }
   EXPECT(worst < 3e-7);
   EXPECT(soft_dice::exp_value<float>(-100.f) == 0.f && soft_dice::exp_value<float>(0.f) == 1.f);
-  EXPECT(std::isnan(soft_dice::exp_value<float>(-INFINITY)) || soft_dice::exp_value<float>(-INFINITY) == 0.f);
+  // beyond the range reduction (|x| >= 2^22 ln 2) too: 0, not NaN; NaN stays NaN
+  for (float x : {-3e6f, -3e13f, -1e30f, -3e38f, -INFINITY}) EXPECT(soft_dice::exp_value<float>(x) == 0.f);
+  EXPECT(std::isnan(soft_dice::exp_value<float>(NAN)) && std::isnan(soft_dice::exp_value<float>(-NAN)));
 #ifdef DA_DICE_AVX2
   if (soft_dice::avx2::cpu_supported()) {
     alignas(32) float in[8], out[8];
@@ -137,6 +139,12 @@ void test_softmax_exp() {
       }
     }
     EXPECT(lane_worst < 1e-6);
+    const float extremes[8] = {-3e6f, -3e13f, -1e30f, -3e38f, -INFINITY, -88.f, -100.f, 0.f};
+    soft_dice::avx2::exp8_store(extremes, out);
+    for (int l = 0; l < 8; ++l) EXPECT(out[l] == soft_dice::exp_value<float>(extremes[l]));
+    const float nans[8] = {NAN, -NAN, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    soft_dice::avx2::exp8_store(nans, out);
+    EXPECT(std::isnan(out[0]) && std::isnan(out[1]));
   }
 #endif
 }

@@ -19,6 +19,18 @@ cuda_archs: str = str(_C.cuda_archs)
 cpu_instruction_sets: frozenset[str] = frozenset(_C.cpu_instruction_sets)
 
 
+def check_one_device(op: str, **tensors: torch.Tensor) -> None:
+    """ValueError unless all ``tensors`` (by argument name) are on one device, worded as the
+    kernels' own checks. For the fake kernels: the dispatcher sends any call with a meta tensor
+    to them, also one mixing meta and real tensors, which would otherwise return an
+    uninitialised output on the first tensor's device."""
+    (first, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != t0.device:
+            raise ValueError(f"{op}: {first} is on {t0.device} but {name} is on {t.device}; "
+                             "all tensors must be on one device")
+
+
 def functorch_active() -> bool:
     """Inside torch.func.grad / vjp / jacrev / vmap."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)

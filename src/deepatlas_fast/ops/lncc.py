@@ -5,9 +5,11 @@ autograd. The kernels are in csrc/lncc/.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
-from ._library import for_transforms, functorch_active, merge_batch_vmap, ops
+from ._library import check_one_device, for_transforms, functorch_active, merge_batch_vmap, ops
 
 
 def lncc(a: torch.Tensor, b: torch.Tensor, *, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
@@ -36,7 +38,13 @@ def lncc(a: torch.Tensor, b: torch.Tensor, *, window: int = 9, eps: float = 1e-5
     CPU: float32/float64 with float64 sums, bitwise deterministic for any thread count.
     CUDA: also float16/bfloat16 with float32 sums; deterministic (no atomics), no host sync.
     """
-    window = int(window)
+    # bool is an int, and int() would truncate 3.5 to 3: neither is a window
+    try:
+        if isinstance(window, bool):
+            raise TypeError
+        window = operator.index(window)
+    except TypeError:
+        raise TypeError(f"lncc: window must be an integer, got {window!r}") from None
     if window < 3 or window > 15 or window % 2 == 0:
         raise ValueError(f"lncc: window must be odd and in [3, 15], got {window}")
     if functorch_active():  # torch.func transforms need setup_context (see for_transforms)
@@ -46,6 +54,7 @@ def lncc(a: torch.Tensor, b: torch.Tensor, *, window: int = 9, eps: float = 1e-5
 
 @torch.library.register_fake("deepatlas_fast::lncc")
 def _lncc_fake(a, b, window=9, eps=1e-5):
+    check_one_device("lncc", a=a, b=b)
     torch._check(a.dim() == 5, lambda: "lncc: a must be 5-D [B, C, D, H, W]")
     torch._check(a.shape == b.shape, lambda: "lncc: a and b must have one shape")
     return a.new_empty((a.shape[0],))
@@ -53,6 +62,7 @@ def _lncc_fake(a, b, window=9, eps=1e-5):
 
 @torch.library.register_fake("deepatlas_fast::lncc_backward")
 def _lncc_backward_fake(grad_out, a, b, window, eps, output_mask):
+    check_one_device("lncc_backward", a=a, b=b, grad_out=grad_out)
     return (a.new_empty(a.shape if output_mask[0] else (0,)),
             b.new_empty(b.shape if output_mask[1] else (0,)))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import for_transforms, functorch_active, merge_batch_vmap, ops
+from ._library import check_one_device, for_transforms, functorch_active, merge_batch_vmap, ops
 
 
 def soft_dice(probs: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-6, from_logits: bool = False) -> torch.Tensor:
@@ -36,12 +36,14 @@ def soft_dice(probs: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-6, f
 
 @torch.library.register_fake("deepatlas_fast::soft_dice_sums")
 def _sums_fake(probs, target, from_logits=False):
+    check_one_device("soft_dice", probs=probs, target=target)
     torch._check(probs.dim() >= 2, lambda: "soft_dice: probs must be [B, C, ...]")
     return probs.new_empty((probs.shape[0], probs.shape[1], 3))
 
 
 @torch.library.register_fake("deepatlas_fast::soft_dice_sums_backward")
 def _sums_backward_fake(grad_sums, probs, target, from_logits, output_mask):
+    check_one_device("soft_dice_backward", probs=probs, target=target, grad_sums=grad_sums)
     need_t = output_mask[1] and target.is_floating_point()
     return (probs.new_empty(probs.shape if output_mask[0] else (0,)),
             probs.new_empty(target.shape if need_t else (0,)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import for_transforms, functorch_active, merge_batch_vmap, ops
+from ._library import check_one_device, for_transforms, functorch_active, merge_batch_vmap, ops
 
 MODES = ("linear", "nearest")
 PADDINGS = ("zeros", "border")
@@ -99,6 +99,7 @@ def _out_shape(image, disp):
 
 @torch.library.register_fake("deepatlas_fast::warp")
 def _warp_fake(image, disp, mode="linear", padding="zeros"):
+    check_one_device("warp", image=image, disp=disp)
     torch._check(image.dim() == 5, lambda: "warp: image must be 5-D [B, C, D, H, W]")
     torch._check(disp.dim() == 5 and disp.shape[1] == 3, lambda: "warp: disp must be [B, 3, D, H, W]")
     return image.new_empty(_out_shape(image, disp))
@@ -106,6 +107,7 @@ def _warp_fake(image, disp, mode="linear", padding="zeros"):
 
 @torch.library.register_fake("deepatlas_fast::warp_with_loc_grad")
 def _warp_with_loc_grad_fake(image, disp, padding="zeros"):
+    check_one_device("warp", image=image, disp=disp)
     torch._check(image.dim() == 5 and image.shape[1] == 1, lambda: "warp_with_loc_grad: image must be [B, 1, D, H, W]")
     torch._check(disp.dim() == 5 and disp.shape[1] == 3, lambda: "warp_with_loc_grad: disp must be [B, 3, D, H, W]")
     return image.new_empty(_out_shape(image, disp)), disp.new_empty((disp.shape[0], 3, *disp.shape[2:]))
@@ -113,11 +115,13 @@ def _warp_with_loc_grad_fake(image, disp, padding="zeros"):
 
 @torch.library.register_fake("deepatlas_fast::warp_backward_with_loc_grad")
 def _warp_backward_with_loc_grad_fake(grad_out, image, disp, loc_grad, padding):
+    check_one_device("warp_backward_with_loc_grad", image=image, disp=disp, grad_out=grad_out, loc_grad=loc_grad)
     return image.new_empty(image.shape)
 
 
 @torch.library.register_fake("deepatlas_fast::warp_backward")
 def _warp_backward_fake(grad_out, image, disp, mode, padding, output_mask):
+    check_one_device("warp_backward", image=image, disp=disp, grad_out=grad_out)
     grad_image = image.new_empty(image.shape if output_mask[0] else (0,))
     grad_disp = disp.new_empty((disp.shape[0], 3, *disp.shape[2:]) if output_mask[1] else (0,))
     return grad_image, grad_disp

@@ -155,10 +155,14 @@ def validate(cfg: dict) -> None:
         if s not in STAGES[:-1] or not isinstance(n, int) or n < 0:
             raise ConfigError(f"train.steps.{s}: expected a stage in {STAGES[:-1]} with a step count >= 0, got {n!r}")
     for k in ("batch_size", "k_reg", "checkpoint_every", "log_every"):
-        if not isinstance(t[k], int) or t[k] < 1:
+        if isinstance(t[k], bool) or not isinstance(t[k], int) or t[k] < 1:
             raise ConfigError(f"train.{k} must be a positive integer, got {t[k]!r}")
-    if not isinstance(t["k_seg"], int) or t["k_seg"] < 0:
-        raise ConfigError(f"train.k_seg must be an integer >= 0, got {t['k_seg']!r}")
+    for k in ("k_seg", "checkpoint_keep", "val_every", "val_pairs"):  # 0: none / keep all / off
+        if isinstance(t[k], bool) or not isinstance(t[k], int) or t[k] < 0:
+            raise ConfigError(f"train.{k} must be an integer >= 0, got {t[k]!r}")
+    w = lo["window"]  # what ops.lncc accepts
+    if isinstance(w, bool) or not isinstance(w, int) or w % 2 == 0 or not 3 <= w <= 15:
+        raise ConfigError(f"loss.window must be an odd integer in [3, 15], got {w!r}")
     for k in ("lambda_r", "lambda_a", "lambda_a_seg", "lambda_sp", "lambda_ce", "anatomy_confidence"):
         v = lo[k]
         if k == "lambda_a_seg" and v is None:
