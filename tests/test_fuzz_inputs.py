@@ -69,3 +69,54 @@ def test_files_of_the_wrong_kind_are_named(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def _config_keys():
+    from deepatlas_fast.training.config import default_config
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            yield prefix + k
+            if isinstance(v, dict):
+                yield from walk(v, prefix + k + ".")
+    return sorted(walk(default_config()))
+
+
+_values = st.one_of(st.sampled_from(["", "1", "-1", "0", "1.5", "1e30", "-1e-3", ".nan", ".inf", "true", "null", "abc",
+                                     "[]", "[0, 8, 8]", "[1, 2, 3, 4, 5]", "[a", "{x: 1}", "{LL: 1}", "!!python/object:os.system x",
+                                     "'3'", "[0.5, 99.5]", "[99, 1]", "cuda:7", "9.5", "4"]),
+                    st.text(max_size=12))
+
+
+@settings(max_examples=400, deadline=None)
+@given(overrides=st.lists(st.tuples(st.one_of(st.sampled_from(_config_keys()), st.text(max_size=10)), _values),
+                          min_size=1, max_size=3))
+def test_any_set_override_loads_or_fails_with_one_clear_line(overrides):
+    """``--set KEY=VALUE`` strings: a valid config or a ConfigError with a one-line message."""
+    from deepatlas_fast.errors import ConfigError
+    from deepatlas_fast.training.config import load_config
+    try:
+        cfg = load_config(None, [f"{k}={v}" for k, v in overrides])
+    except ConfigError as e:
+        assert "\n" not in str(e).strip(), str(e)
+        return
+    assert isinstance(cfg["train"]["lr"], float | int) and 0 < cfg["train"]["lr"] <= 1
+
+
+def test_config_files_that_are_not_configs(tmp_path):
+    import pytest
+
+    from deepatlas_fast.errors import ConfigError
+    from deepatlas_fast.training.config import load_config
+    cases = {"tag.yaml": "train:\n  lr: !!python/object/apply:os.system ['true']\n",
+             "broken.yaml": "train: [1, 2\nloss: {",
+             "binary.yaml": b"\xff\xfe\x00\x01",
+             "list.yaml": "- 1\n- 2\n",
+             "section.yaml": "train: 5\n"}
+    for name, text in cases.items():
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert str(path) in str(info.value) or "section" in str(info.value)
+        assert "\n" not in str(info.value), str(info.value)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -92,8 +93,8 @@ def load_config(path=None, overrides=()) -> dict:
             raise FileNotFoundError(f"config file not found: {path}")
         try:
             loaded = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not a valid YAML or JSON file ({e})") from e
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not a valid YAML or JSON file ({_one_line(e)})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config must be a mapping, got {type(loaded).__name__}")
         merge(cfg, loaded or {}, where=str(path))
@@ -107,6 +108,9 @@ def merge(cfg: dict, new: dict, where: str = "config", prefix: str = "") -> dict
         if k not in cfg:
             raise ConfigKeyError(f"{where}: unknown config key {prefix + k!r}; known: {sorted(cfg)}")
         # dicts with free keys (pair proportions, steps per stage) are replaced key by key too
+        if isinstance(cfg[k], dict) and not isinstance(v, dict):
+            raise ConfigError(f"{where}: {prefix + k!r} is a section ({', '.join(sorted(cfg[k]))}); "
+                              f"set its keys, e.g. {prefix + k}.{sorted(cfg[k])[0]}=...")
         if isinstance(cfg[k], dict) and isinstance(v, dict):
             merge(cfg[k], v, where, prefix + k + ".")
         else:
@@ -132,15 +136,57 @@ def apply_overrides(cfg: dict, overrides) -> dict:
         try:
             nested = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from e
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_one_line(e)})") from None
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         merge(cfg, nested, where=f"override {item!r}")
     return cfg
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def validate(cfg: dict) -> None:
     t, m, lo, d = cfg["train"], cfg["model"], cfg["loss"], cfg["data"]
+    if not _is_int(cfg["seed"]) or cfg["seed"] < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {cfg['seed']!r}")
+    if not isinstance(cfg["device"], str):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg['device']!r}")
+    for k in ("reg_enc", "reg_dec", "seg_enc"):
+        v = m[k]
+        if not isinstance(v, list) or not v or not all(_is_int(c) and c >= 1 for c in v):
+            raise ConfigError(f"model.{k} must be a non-empty list of channel counts >= 1, got {v!r}")
+    if not isinstance(m["diffeomorphic"], bool) or not _is_int(m["int_steps"]) or m["int_steps"] < 0:
+        raise ConfigError(f"model.diffeomorphic must be true or false and model.int_steps an integer >= 0, "
+                          f"got {m['diffeomorphic']!r}, {m['int_steps']!r}")
+    if m["seg_upsample"] not in ("transpose", "trilinear"):
+        raise ConfigError(f"model.seg_upsample must be 'transpose' or 'trilinear', got {m['seg_upsample']!r}")
+    p = d["percentiles"]
+    if not (isinstance(p, list) and len(p) == 2 and all(_is_number(x) for x in p) and 0 <= p[0] < p[1] <= 100):
+        raise ConfigError(f"data.percentiles must be [lo, hi] with 0 <= lo < hi <= 100, got {p!r}")
+    if not _is_int(d["downsample"]) or d["downsample"] < 1:
+        raise ConfigError(f"data.downsample must be an integer >= 1, got {d['downsample']!r}")
+    for k in ("resample", "cache"):
+        if not isinstance(d[k], bool):
+            raise ConfigError(f"data.{k} must be true or false, got {d[k]!r}")
+    labels = d["labels"]
+    if not (labels is None or isinstance(labels, str) or (isinstance(labels, list) and all(_is_int(v) for v in labels))):
+        raise ConfigError(f"data.labels must be a list of integer label values or a file, got {labels!r}")
+    if not _is_number(t["lr"]) or not 0 < t["lr"] <= 1:
+        raise ConfigError(f"train.lr must be a number in (0, 1], got {t['lr']!r}")
+    if not _is_number(t["weight_decay"]) or t["weight_decay"] < 0:
+        raise ConfigError(f"train.weight_decay must be a finite number >= 0, got {t['weight_decay']!r}")
+    if not _is_int(t["lr_step"]) or t["lr_step"] < 1:
+        raise ConfigError(f"train.lr_step must be an integer >= 1, got {t['lr_step']!r}")
     if lo["similarity"] not in ("lncc", "ncc"):
         raise ConfigError(f"loss.similarity must be 'lncc' or 'ncc', got {lo['similarity']!r}")
     if m["seg_norm"] not in ("batch", "instance"):
@@ -152,7 +198,7 @@ def validate(cfg: dict) -> None:
     if t["semi_da_train"] not in ("seg", "reg"):
         raise ConfigError(f"train.semi_da_train must be 'seg' or 'reg', got {t['semi_da_train']!r}")
     for s, n in t["steps"].items():
-        if s not in STAGES[:-1] or not isinstance(n, int) or n < 0:
+        if s not in STAGES[:-1] or not _is_int(n) or n < 0:
             raise ConfigError(f"train.steps.{s}: expected a stage in {STAGES[:-1]} with a step count >= 0, got {n!r}")
     for k in ("batch_size", "k_reg", "checkpoint_every", "log_every"):
         if isinstance(t[k], bool) or not isinstance(t[k], int) or t[k] < 1:
@@ -176,7 +222,8 @@ def validate(cfg: dict) -> None:
     augment.validate(cfg["augment"])
     RefineSettings.from_dict(cfg["refine"])
     bad = set(d["pairs"]) - {"LL", "LU", "UL", "UU"}
-    if bad or any(float(v) < 0 for v in d["pairs"].values()) or not any(float(v) > 0 for v in d["pairs"].values()):
+    weights = list(d["pairs"].values())
+    if bad or not all(_is_number(v) and v >= 0 for v in weights) or not any(v > 0 for v in weights):
         raise ConfigError(f"data.pairs: keys LL/LU/UL/UU with weights >= 0, not all 0; got {d['pairs']}")
 
 
