@@ -200,3 +200,19 @@ def test_register_no_net_needs_refine_and_starts_from_zero(tmp_path_factory, tmp
     # zero iterations from zero would be the identity: refused rather than returned
     with pytest.raises(DeepAtlasError, match="refine iterations > 0"):
         run.register(mov, tgt, net=False, refine=RefineSettings(iterations=0))
+
+
+def test_a_run_trained_on_a_dict_datalist_records_it_for_its_atlases(tmp_path):
+    """train(data={...}) records the datalist itself (absolute paths), so segment --atlas and
+    evaluate find the run's labelled images later."""
+    from _synth import tiny_overrides, write_dataset
+    from deepatlas_fast.cli.commands.segment import atlas_pairs
+    from deepatlas_fast.training.run_folder import read_run_info
+    from deepatlas_fast.training.trainer import train
+    dl = write_dataset(tmp_path / "data")
+    raw = json.loads(Path(dl).read_text())
+    data = {s: [{k: str(Path(dl).parent / v) for k, v in e.items()} for e in raw[s]] for s in ("training", "test")}
+    run = train(None, data, tmp_path / "run", stage="seg", overrides=tiny_overrides(seg=1), progress=False)
+    recorded = read_run_info(run)["data"]
+    assert [e["image"] for e in recorded["training"]] == [e["image"] for e in data["training"]]
+    assert atlas_pairs("run", run) == [(Path(e["image"]), Path(e["label"])) for e in data["training"] if "label" in e]

@@ -415,8 +415,14 @@ def build_preprocessing(cfg: dict, entries, ref) -> Preprocessing:
 
 
 def _data_ref(data):
-    if data is None or isinstance(data, dict):
+    """What run.json records of the data: a datalist/folder path, or a datalist given as a dict
+    (absolute paths), so evaluate and segment --atlas find the run's images later."""
+    if data is None:
         return None
+    if isinstance(data, dict):
+        return {split: [{"image": str(Path(e["image"]).resolve()),
+                         **({"label": str(Path(e["label"]).resolve())} if e.get("label") else {})}
+                        for e in items] for split, items in read_data(data).items()}
     return str(Path(data).resolve())
 
 
