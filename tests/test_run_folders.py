@@ -213,3 +213,25 @@ def test_unreadable_checkpoint_warnings_say_which_file_and_why(tmp_path, content
     assert str(bad) in msg and why in msg, msg
     for jargon in ("invalid load key", "PytorchStreamReader", "Ran out of input", "central directory"):
         assert jargon not in msg, msg
+
+
+@pytest.mark.parametrize("damage", ["nan", "constant", "truncated"])
+def test_a_bad_unlabelled_image_fails_before_the_first_step(tmp_path, damage):
+    """The seg stage never draws the unlabelled images, yet a damaged one is refused before
+    training starts (and before the run folder exists), naming the file."""
+    dl = write_dataset(tmp_path / "data")
+    bad = tmp_path / "data" / "img3.nii.gz"  # unlabelled (k = 3, 4 of write_dataset)
+    assert "label" not in json.loads(Path(dl).read_text())["training"][3]
+    img = np.zeros((24, 24, 24), np.float32)
+    if damage == "nan":
+        img[...] = 1.0
+        img[3, 4, 5] = np.nan
+        save_nifti(bad, img, AFFINE)
+    elif damage == "constant":
+        save_nifti(bad, img + 7.0, AFFINE)
+    else:
+        data_bytes = bad.read_bytes()
+        bad.write_bytes(data_bytes[: len(data_bytes) // 2])
+    with pytest.raises(DataError, match="img3"):
+        train(None, dl, tmp_path / "run", stage="seg", overrides=_ov(seg=1), progress=False)
+    assert not (tmp_path / "run").exists()

@@ -161,6 +161,14 @@ class VolumeDataset:
     def __len__(self):
         return len(self.entries)
 
+    def check_voxels(self, progress: bool = False) -> None:
+        """Read every image and label map once (kept if ``cache``): a NaN, constant, truncated or
+        mislabelled file fails here, before training, not when a later stage first draws it."""
+        from tqdm import tqdm
+        for i in tqdm(range(len(self)), desc="checking images", disable=not progress, leave=False):
+            if i not in self._cache:
+                self[i]
+
     def names(self):
         return [_stem(e["image"]) for e in self.entries]
 

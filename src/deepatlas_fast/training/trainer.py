@@ -493,6 +493,9 @@ def train(config=None, data=None, out_dir=None, *, stage: str = "all", resume: b
     kw = dict(resample=cfg["data"]["resample"], cache=cfg["data"]["cache"], ref=ref)
     train_ds = VolumeDataset(entries, prep, **kw)
     val_ds = VolumeDataset(splits["validation"], prep, **kw) if splits["validation"] else None
+    for ds in (train_ds, val_ds):
+        if ds is not None:
+            ds.check_voxels(progress)
 
     trainer = Trainer(cfg, prep, train_ds, val_ds, run_dir, progress=progress)
     if resume:
