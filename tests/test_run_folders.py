@@ -235,3 +235,12 @@ def test_a_bad_unlabelled_image_fails_before_the_first_step(tmp_path, damage):
     with pytest.raises(DataError, match="img3"):
         train(None, dl, tmp_path / "run", stage="seg", overrides=_ov(seg=1), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_folder_under_a_file_is_refused_before_work(tmp_path, capsys):
+    dl = write_dataset(tmp_path / "data")
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "--data", str(dl), "--out", str(tmp_path / "afile" / "run"), "--stage", "seg",
+                 "--set", "train.steps.seg=1"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and err.count("\n") == 1

@@ -61,7 +61,8 @@ def main(argv=None) -> int:
         warnings.showwarning = _one_line_warnings(f"deepatlas-fast {args.command}")
         try:
             return int(_module(args.command).run(args) or 0)
-        except (DeepAtlasError, FileNotFoundError, FileExistsError, PermissionError) as e:
+        except (DeepAtlasError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+                IsADirectoryError) as e:
             # the user's errors (config, data, models, options, a missing optional extra such as
             # onnxruntime; paths that do not exist, already exist or cannot be written): one
             # clear line. Any other exception is a bug and keeps its traceback.
