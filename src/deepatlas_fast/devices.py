@@ -1,5 +1,5 @@
 """Device names of the configs and commands (``auto``, ``cpu``, ``cuda``, ``cuda:N``) -> torch devices,
-checked: a device this machine lacks is an error naming what it has, not a failure deep in torch."""
+checked: an unavailable device is an error naming what is available, not a failure deep in torch."""
 from __future__ import annotations
 
 import os
