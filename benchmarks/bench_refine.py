@@ -12,7 +12,7 @@ from benchmarks.common import smooth_displacement
 from deepatlas_fast.nn.losses import gradient_l2
 from deepatlas_fast.training.refine import RefineSettings, refine
 
-ITERATIONS = 5
+ITERATIONS = 3
 WINDOW, LAMBDA_R, LR, SQUARINGS = 5, 3.0, 0.1, 7
 
 
