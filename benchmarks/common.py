@@ -240,6 +240,7 @@ SECTIONS = {
     "bench_lncc": ("LNCC", "`deepatlas_fast.lncc` (window 9, gradients to both images) against MONAI's "
                    "`LocalNormalizedCrossCorrelationLoss(kernel_type=\"rectangular\")` and VoxelMorph's "
                    "conv3d NCC (re-written in `benchmarks/bench_lncc.py`)."),
+    "bench_refine": ("Refinement", "Test-time refinement (`deepatlas_fast.training.refine.refine`, one level at the full grid, 3 Adam iterations per call) against the same loop written with VoxelMorph's `grid_sample` transformer and MONAI's LNCC (re-written in `benchmarks/bench_refine.py`): 1 - LNCC(window 5) + 3 x grad-L2; *diffeomorphic*: the correction exp(v) by 7 squarings, composed with a start field."),
     "bench_onnx": ("ONNX Runtime vs PyTorch eager", "The exported models (see [deployment](deployment.md)) in "
                    "ONNX Runtime's CPU provider against the same graphs in PyTorch eager: default-width nets, "
                    "random weights, 28 classes, batch 1, inference mode, as many ORT intra-op threads as "
