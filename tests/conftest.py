@@ -1,3 +1,4 @@
+import functools
 import os
 
 import pytest
@@ -19,11 +20,16 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
+@functools.cache
+def _emulated_ops():
+    return _emulator.load()
+
+
+@pytest.fixture
 def emulated():
     """torch.ops.deepatlas_fast_emulated: the CUDA kernel sources run under the CUDA emulator
     (tests/_emulator.py), built once per test run. A failed build is a test failure, never a skip."""
     try:
-        return _emulator.load()
+        return _emulated_ops()
     except _emulator.EmulatorBuildError as e:
         pytest.fail(str(e), pytrace=False)

@@ -130,7 +130,7 @@ def test_bad_atlas_requests_are_clear_errors():
         segment_with_atlases(run, img, [(img, lab)], weighting="lncc", window=4)
 
 
-def test_trained_run_atlas_segmentation_of_an_atlas_onto_itself(tmp_path_factory):
+def test_trained_run_atlas_segmentation_is_deterministic_and_in_the_label_table(tmp_path_factory):
     from deepatlas_fast.inference.run import load_run
     dl, run_dir = tiny_run(tmp_path_factory.getbasetemp())
     run = load_run(run_dir)

@@ -360,7 +360,10 @@ def doc_block(results) -> str:
     lines = [f"Preset `{results['preset']}`, {results['split']} split, seed{'s' if len(seeds) > 1 else ''} "
              f"{', '.join(map(str, seeds))}: {results['total_seconds'] / 60:.1f} min wall-clock on "
              f"{torch.get_num_threads()} CPU threads (training, controls and evaluation).", "",
-             summary_table(results)] + (["", refine_note(results)] if refine_note(results) else [])
+             summary_table(results)]
+    note = refine_note(results)
+    if note:
+        lines += ["", note]
     one_mm = results.get("oasis_b_1mm", [])
     if one_mm:
         per = "; ".join(f"{r['dice_1mm']:.3f} vs {r['dice_2mm']:.3f}" for r in one_mm)
@@ -440,7 +443,10 @@ def _write_report(out: Path, results, per_seed):
           "(worst seed). Controls: F_R trained "
           f"{p['control_steps']['reg']} more unsupervised steps, F_S {p['control_steps']['seg']} more supervised "
           "steps, as many as DeepAtlas gives each net after pretraining.", "",
-          summary_table(p), ""] + ([refine_note(p), ""] if refine_note(p) else [])
+          summary_table(p), ""]
+    note = refine_note(p)
+    if note:
+        md += [note, ""]
     for r in p["oasis_b_1mm"]:
         md += [f"oasis_b at 1 mm (resampled for the net and back): Dice {r['dice_1mm']:.3f}, at 2 mm "
                f"{r['dice_2mm']:.3f} (difference {r['diff']:+.3f}).", ""]

@@ -3,10 +3,9 @@ input, name a folder, repeat another output, or land where nothing can be writte
 with one line (a run of minutes must not end in a failed or destructive write)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from ..data.io import is_nifti
+from ..data.io import check_writable, is_nifti
 from ..errors import DeepAtlasError
 
 
@@ -29,10 +28,4 @@ def check_outputs(inputs: dict, outputs: dict, *, nifti=()) -> None:
             raise DeepAtlasError(f"{name} {p} is a folder; give a file name")
         if name in nifti and not is_nifti(path):
             raise DeepAtlasError(f"{name} {p}: output must end with .nii or .nii.gz")
-        parent = real.parent
-        while not parent.exists():  # folders are created on write: check the nearest existing one
-            parent = parent.parent
-        if not parent.is_dir():
-            raise DeepAtlasError(f"{name} {p}: {parent} is a file, not a folder")
-        if not os.access(parent, os.W_OK):
-            raise DeepAtlasError(f"{name} {p}: cannot write into {parent} (permission denied)")
+        check_writable(path, f"{name} {p}")

@@ -138,3 +138,16 @@ class LabelTable:
                 raise DataError(f"{path}: {t[:40]!r} is not an integer label value (a label file lists "
                                 "integers, whitespace or comma separated; '#' starts a comment)") from None
         return cls(values)
+
+
+def check_writable(path, name) -> None:
+    """``path`` (a file or folder to be created, with any missing parent folders) can be written:
+    the nearest existing ancestor is a folder we may write into. ``name`` opens the message."""
+    import os
+    parent = Path(path).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{name}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{name}: cannot write into {parent} (permission denied)")

@@ -61,7 +61,7 @@ def _summary(rows, structures):
 
 
 def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_pairs: int = 20,
-             atlases=None, refine=0, weighting: str = "mean", figures: bool = True,
+             atlases=None, refine=0, refine_overrides=(), weighting: str = "mean", figures: bool = True,
              progress: bool = True) -> dict:
     """Evaluate ``run`` (a run directory or a ``Run``) on a split of ``data`` -> summary dict.
 
@@ -70,7 +70,8 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
     atlases: labelled images [{"image": path, "label": path}] on the split's grid, scored as
     atlas-copy and atlas-registration segmentations of every labelled image of the split.
     refine: iterations per level of test-time refinement (0: none) or ``RefineSettings``, for the
-    "reg_refined" rows and the multi-atlas rows; weighting: atlas weights of the fusion ("mean" or "lncc")."""
+    "reg_refined" rows and the multi-atlas rows; refine_overrides: ``["refine.lambda_r=1", ...]``
+    applied to the run's refine settings; weighting: atlas weights of the fusion ("mean" or "lncc")."""
     import time
 
     from tqdm import tqdm
@@ -106,7 +107,7 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
     missing = [v for v in structures if v not in table.values]
     if missing:
         raise DeepAtlasError(f"structures {missing} are not in the run's label table {table.values}")
-    refine = run.refine_settings(refine)  # bad settings fail before any work
+    refine = run.refine_settings(refine, refine_overrides)  # bad settings fail before any work
     resample = run.config["data"]["resample"]
     entries = splits[split]
     ref = check_grids(entries, resample)
@@ -156,14 +157,13 @@ def evaluate(run, data=None, *, split=None, out_dir=None, structures=None, max_p
                                  cache=False, ref=ds.ref)
         if not all(atlas_ds.labelled):
             raise DataError("atlases: every atlas needs a label map")
-        for a, aname in enumerate(tqdm(atlas_ds.names(), desc="atlas", disable=not progress)):
-            aimg, alab, _ = atlas_ds.load_original(a)
+        pairs_ = [atlas_ds.load_original(a)[:2] for a in range(len(atlas_ds))]
+        for (aimg, alab), aname in zip(tqdm(pairs_, desc="atlas", disable=not progress), atlas_ds.names()):
             for i in lab_idx:
                 img, lab = orig(i)
                 copy_rows.append(((aname, names[i]), dice_per_class(alab, lab, structures)))
                 warped = run.register(aimg, img, alab)["warped_labels"]
                 atlas_rows.append(((aname, names[i]), dice_per_class(warped, lab, structures)))
-        pairs_ = [atlas_ds.load_original(a)[:2] for a in range(len(atlas_ds))]
         for i in tqdm(lab_idx, desc="multi-atlas", disable=not progress):
             img, lab = orig(i)
             disps = [run.displacement(aimg, img, refine=refine) for aimg, _ in pairs_]

@@ -8,10 +8,10 @@ storage, so the checkpoints in it are removed and the link kept.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
+from ..data.io import check_writable
 from .checkpoint import list_checkpoints, temp_files
 
 RUN_FILES = ("config.json", "run.json", "preprocessing.json", "metrics.jsonl", "curves.png")
@@ -27,13 +27,7 @@ def check_new_run_folder(run_dir, *, overwrite: bool) -> None:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise FileExistsError(f"{run_dir} is not empty ({shown}): use --resume to continue its run, --overwrite "
                               "to replace the run's files, or another --out")
-    parent = run_dir.resolve()
-    while not parent.exists():  # the folder is created later: the nearest existing one must take it
-        parent = parent.parent
-    if not parent.is_dir():
-        raise FileExistsError(f"{run_dir}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"{run_dir}: cannot write into {parent} (permission denied)")
+    check_writable(run_dir, str(run_dir))
 
 
 def clear_run(run_dir) -> None:

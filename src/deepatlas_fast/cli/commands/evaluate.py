@@ -54,12 +54,8 @@ def run(args) -> int:
         if not structures or 0 in structures:
             raise DeepAtlasError(f"--structures: label values of structures, background (0) excluded, "
                                  f"got {args.structures!r}")
-    refine = args.refine
-    if args.overrides:
-        from ...inference.run import load_run
-        refine = load_run(args.run).refine_settings(args.refine, args.overrides)
     s = evaluate(args.run, args.data, split=args.split, out_dir=args.out, structures=structures,
-                 max_pairs=args.max_pairs, atlases=atlases, refine=refine, weighting=args.weighting,
+                 max_pairs=args.max_pairs, atlases=atlases, refine=args.refine, refine_overrides=args.overrides, weighting=args.weighting,
                  figures=not args.no_figures, progress=not args.no_progress)
     keys = ("seg", "reg", "unregistered", "reg_refined", "atlas_copy", "atlas_reg", "atlas_fused", "net_atlas")
     short = {k: (None if s[k] is None else {kk: vv for kk, vv in s[k].items() if kk != "per_structure"})
