@@ -33,3 +33,20 @@ def emulated():
         return _emulated_ops()
     except _emulator.EmulatorBuildError as e:
         pytest.fail(str(e), pytrace=False)
+
+
+_COPIES = ("aten::contiguous", "aten::clone", "aten::copy_", "aten::_to_copy")
+
+
+@pytest.fixture
+def volume_copies():
+    """volume_copies(fn, *shapes): the copying ops (contiguous, clone, copy_, _to_copy) that
+    fn() applies to a tensor of one of `shapes`, as the profiler records them, including the
+    calls made inside a kernel. An op reading its inputs through their strides makes none."""
+    def run(fn, *shapes):
+        shapes = [list(s) for s in shapes]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            fn()
+        return [e.name for e in prof.events()
+                if e.name in _COPIES and any(s in shapes for s in e.input_shapes)]
+    return run

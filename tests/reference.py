@@ -55,6 +55,21 @@ def soft_dice_reference(probs, target, eps=1e-6, from_logits=False):
     return (2 * total(probs * target) + eps) / (total(probs) + total(target) + eps)
 
 
+def soft_dice_sums_reference(probs, target, from_logits=False):
+    """The soft_dice_sums op written plainly: [B, C, 3] = (sum p t, sum p, sum t) over the
+    voxels, with an explicit one_hot for integer labels."""
+    if from_logits:
+        probs = probs.softmax(1)
+    if not target.is_floating_point():
+        target = F.one_hot(target[:, 0].long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+    B, C = probs.shape[:2]
+
+    def total(x):
+        return x.reshape(B, C, -1).sum(-1)
+
+    return torch.stack([total(probs * target), total(probs), total(target)], -1)
+
+
 def _difference_conv(disp, kernel):
     """Valid conv3d of every channel of disp with one 3x3x3 finite-difference kernel."""
     k = kernel.to(disp.dtype).expand(disp.shape[1], 1, *kernel.shape).contiguous()

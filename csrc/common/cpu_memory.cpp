@@ -146,18 +146,22 @@ void advise_huge_pages(void* p, size_t bytes) {
 
 }  // namespace
 
-at::Tensor empty_volume(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor empty_volume(at::IntArrayRef sizes, const at::TensorOptions& options, c10::MemoryFormat format) {
   TORCH_INTERNAL_ASSERT(options.device().is_cpu());
+  // (the empty [0] stand-in for a gradient not asked for has no channels-last form)
+  if ((format == c10::MemoryFormat::ChannelsLast && sizes.size() != 4) ||
+      (format == c10::MemoryFormat::ChannelsLast3d && sizes.size() != 5))
+    format = c10::MemoryFormat::Contiguous;
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (bytes < kHuge) return at::empty(sizes, options);
+  if (bytes < kHuge) return at::empty(sizes, options, format);
   VolumeCache& cache = VolumeCache::get();
   if (!cache.enabled()) {  // PyTorch's allocator, huge pages asked for on the 2 MiB-aligned interior
-    at::Tensor t = at::empty(sizes, options);
+    at::Tensor t = at::empty(sizes, options, format);
     advise_huge_pages(t.data_ptr(), bytes);
     return t;
   }
   return at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   options.dtype().toScalarType(), c10::nullopt);
+                                   options.dtype().toScalarType(), format);
 }
 
 int64_t cpu_cache_bytes() { return VolumeCache::get().held(); }

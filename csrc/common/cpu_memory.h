@@ -21,8 +21,11 @@
 
 namespace deepatlas_fast {
 
-// Uninitialised contiguous CPU tensor; those of 2 MiB or more come from the cache above.
-at::Tensor empty_volume(at::IntArrayRef sizes, const at::TensorOptions& options);
+// Uninitialised CPU tensor in memory format `format` (the kernels give outputs and gradients
+// the suggested memory format of the input they follow); those of 2 MiB or more come from the
+// cache above.
+at::Tensor empty_volume(at::IntArrayRef sizes, const at::TensorOptions& options,
+                        c10::MemoryFormat format = c10::MemoryFormat::Contiguous);
 
 // Bytes the cache holds (freed buffers, not in use), and returning them all to the OS.
 int64_t cpu_cache_bytes();

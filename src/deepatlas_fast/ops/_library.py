@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch  # first: loads libc10/libtorch, which _C links against
+from torch._prims_common import suggest_memory_format  # Tensor.suggest_memory_format, for fake tensors too
 
 try:
     from .. import _C  # noqa: F401  (loading registers torch.ops.deepatlas_fast.*)
@@ -29,6 +30,17 @@ def check_one_device(op: str, **tensors: torch.Tensor) -> None:
         if t.device != t0.device:
             raise ValueError(f"{op}: {first} is on {t0.device} but {name} is on {t.device}; "
                              "all tensors must be on one device")
+
+
+def empty_in_format_of(like: torch.Tensor, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty tensor of ``shape`` on ``like``'s device in ``like``'s suggested memory format
+    (channels-last or contiguous), as the kernels allocate their outputs and gradients: the fake
+    kernels must give the real kernels' strides. A shape of another rank (the empty stand-in of
+    a gradient not asked for) is contiguous."""
+    fmt = suggest_memory_format(like)
+    if (fmt == torch.channels_last and len(shape) != 4) or (fmt == torch.channels_last_3d and len(shape) != 5):
+        fmt = torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
 
 def functorch_active() -> bool:
