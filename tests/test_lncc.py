@@ -63,10 +63,10 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.deepatlas_fast.lncc.default, args)
 
 
-@pytest.mark.parametrize("device, dtype", devices_and_dtypes(cpu=[torch.float32],
+@pytest.mark.parametrize("device, dtype", devices_and_dtypes(cpu=[torch.float32, torch.float16, torch.bfloat16],
                                                              cuda=[torch.float32, torch.float16, torch.bfloat16]))
 def test_dtypes(device, dtype):
-    """float32 everywhere; float16 and bfloat16 on CUDA (float32 sums)."""
+    """float32, float16 and bfloat16 everywhere (float64 sums on the CPU, float32 on CUDA)."""
     a = torch.randn(1, 1, 12, 12, 12)
     b = 0.6 * a + torch.randn_like(a)
     out = da.lncc(a.to(device, dtype), b.to(device, dtype))
@@ -133,6 +133,86 @@ def test_float32_close_to_float64():
     theirs = grads(lambda x, y: lncc_reference(x, y, 9), a, b, g)
     for o, r in zip(ours, theirs):
         torch.testing.assert_close(o.double(), r, rtol=1e-4, atol=1e-7)
+
+
+# rtol of float16/bfloat16 results against the float64 reference evaluated on the same rounded
+# inputs: the sums are float64 (the ring of 2D box sums float32) and each result is rounded to
+# the dtype once, half an ulp (2^-8 of the value for bfloat16's 8 significant bits, 2^-11 for
+# float16's 11). atol of the gradients: the error of the float32 ring, which float32 inputs
+# share (measured on the float32 kernel with the same values: where the gradient cancels, as
+# in volumes smaller than the window, it is far above the rounding), and one subnormal step
+# (such gradients fall below float16's normal range). Sums in the dtype itself would lose most
+# of the cc.
+REDUCED_RTOL = {torch.bfloat16: 2 ** -8 + 1e-5, torch.float16: 2 ** -11 + 1e-5}
+
+
+@given(lncc_case(), st.sampled_from([torch.bfloat16, torch.float16]))
+def test_reduced_precision_matches_the_reference_on_the_rounded_inputs(case, dtype):
+    shape, window = case
+    a, b = (x.to(dtype) for x in pair(shape, dtype=torch.float32))
+    out = da.lncc(a, b, window=window)
+    assert out.dtype == dtype
+    rtol = REDUCED_RTOL[dtype]
+    torch.testing.assert_close(out.double(), lncc_reference(a.double(), b.double(), window), rtol=rtol, atol=1e-6)
+    g = torch.randn(shape[0]).to(dtype)
+    ours = grads(lambda x, y: da.lncc(x, y, window=window), a, b, g)
+    theirs = grads(lambda x, y: lncc_reference(x, y, window), a.double(), b.double(), g.double())
+    as_float32 = grads(lambda x, y: da.lncc(x, y, window=window), a.float(), b.float(), g.float())
+    subnormal = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+    for o, r, f in zip(ours, theirs, as_float32):
+        assert o.dtype == dtype
+        ring = (f.double() - r).abs().max().item()
+        torch.testing.assert_close(o.double(), r, rtol=rtol, atol=ring + subnormal)
+
+
+def relayout(t, layout):
+    """t's values in another memory layout."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "sliced":  # every other element of a wider tensor along W
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)  # "permuted"
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "permuted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_layouts_give_the_contiguous_bits_without_a_copy(layout, dtype, volume_copies):
+    """Any layout is read through its strides (no copy of a volume), with the same bits as
+    contiguous inputs (the same sums in the same order). Each gradient takes its input's
+    memory format: channels_last_3d for channels-last inputs, contiguous otherwise."""
+    ops = torch.ops.deepatlas_fast
+    a, b = (x.to(dtype) for x in pair((2, 3, 9, 6, 7), dtype=torch.float32))
+    a_l, b_l = relayout(a, layout), relayout(b, layout)
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    g = torch.randn(2).to(dtype)
+    assert torch.equal(ops.lncc(a_l, b_l, 5, 1e-5), ops.lncc(a, b, 5, 1e-5))
+    for needs in ([True, True], [True, False], [False, True]):
+        for ours, theirs in zip(ops.lncc_backward(g, a_l, b_l, 5, 1e-5, needs), ops.lncc_backward(g, a, b, 5, 1e-5, needs)):
+            assert torch.equal(ours, theirs) and (ours.numel() == 0 or ours.is_contiguous(memory_format=fmt))
+    # one channels-last input, one contiguous: each gradient in its own format
+    ga, gb = ops.lncc_backward(g, a_l, b, 5, 1e-5, [True, True])
+    assert ga.is_contiguous(memory_format=fmt) and gb.is_contiguous()
+    if dtype == torch.float32:  # (float16/bfloat16 results are converted from float64: _to_copy)
+        def run():
+            ops.lncc(a_l, b_l, 5, 1e-5)
+            ops.lncc_backward(g, a_l, b_l, 5, 1e-5, [True, True])
+        assert volume_copies(run, a.shape) == []
+
+
+def test_opcheck_reduced_precision_and_channels_last():
+    """The fake kernels give the real kernels' dtypes and strides (opcheck compares them)."""
+    a, b = pair((2, 2, 5, 6, 7), dtype=torch.float32)
+    cl = torch.channels_last_3d
+    for x, y in [(a.bfloat16(), b.bfloat16()), (a.half(), b.half()),
+                 (a.contiguous(memory_format=cl), b.contiguous(memory_format=cl)), (a, b.contiguous(memory_format=cl)),
+                 (a.contiguous(memory_format=cl).bfloat16(), b.bfloat16())]:
+        for requires_grad in (True, False):
+            args = (x.clone().requires_grad_(requires_grad), y.clone().requires_grad_(requires_grad))
+            torch.library.opcheck(torch.ops.deepatlas_fast.lncc.default, (*args, 3, 1e-5))
+        torch.library.opcheck(torch.ops.deepatlas_fast.lncc_backward.default,
+                              (torch.ones(2, dtype=x.dtype), x, y, 3, 1e-5, [True, True]))
 
 
 @pytest.mark.parametrize("needs", [(True, False), (False, True)])
@@ -215,8 +295,8 @@ def test_bad_dtypes_and_devices():
     a = torch.zeros(1, 1, 4, 4, 4)
     with pytest.raises(TypeError, match="both must have one dtype"):
         da.lncc(a, a.double())
-    with pytest.raises(TypeError, match="CPU tensors must be float32 or float64"):
-        da.lncc(a.half(), a.half())
+    with pytest.raises(TypeError, match="CPU tensors must be float32, float64, float16 or bfloat16"):
+        da.lncc(a.int(), a.int())
     with pytest.raises(ValueError, match="is on meta"):
         torch.ops.deepatlas_fast.lncc.default.redispatch(
             torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), a, a.to("meta"), 9, 1e-5)
@@ -250,7 +330,7 @@ def test_cuda_kernels_under_emulator(window, launch, emulated):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_reduced_precision_under_emulator(dtype, emulated):
-    """The CUDA build takes half/bfloat16 with float32 sums; the CPU path does not."""
+    """The CUDA build takes half/bfloat16 with float32 sums (the CPU path: float64 sums)."""
     a, b = pair((1, 1, 6, 5, 7), dtype=torch.float32)
     a, b = a.to(dtype), b.to(dtype)
     ref = lncc_reference(a.double(), b.double(), 5)

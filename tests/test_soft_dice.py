@@ -313,8 +313,8 @@ def test_bad_dtypes_and_devices():
         da.soft_dice(p, p.double())
     with pytest.raises(TypeError, match="target must be integer labels or probabilities"):
         da.soft_dice(p, torch.zeros(1, 1, 4, 4, dtype=torch.bool))
-    with pytest.raises(TypeError, match="CPU probs must be float32 or float64"):
-        da.soft_dice(p.half(), torch.zeros(1, 1, 4, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="CPU probs must be float32, float64, float16 or bfloat16"):
+        da.soft_dice(p.int(), torch.zeros(1, 1, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="is on meta"):
         torch.ops.deepatlas_fast.soft_dice_sums.default.redispatch(
             torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), p, p.to("meta"), False)

@@ -13,8 +13,8 @@ namespace deepatlas_fast {
 namespace lncc {
 
 // Checks a, b [B, C, D, H, W] (one shape, dtype and device), window and eps; returns the
-// geometry. CPU kernels take float32/float64; the CUDA kernels (kernel_half = true, also when
-// run by the emulator) float16/bfloat16 too, with float32 sums.
+// geometry. Every backend takes float32/float64 and float16/bfloat16 (float32 sums on CUDA,
+// float64 on the CPU); kernel_half = true: the CUDA kernels (also under the emulator).
 inline Geometry check_inputs(const char* op, const at::Tensor& a, const at::Tensor& b,
                              int64_t window, double eps, bool kernel_half = false) {
   TORCH_CHECK_VALUE(a.dim() == 5, op, ": a must be 5-D [B, C, D, H, W], got shape ", a.sizes());

@@ -2,12 +2,16 @@
 // whatever the window), in float64. The volume is streamed slice by slice along D: a slice is
 // box-summed in H and W (2D), kept in a ring of window + 1 slices, and the D-box is a running
 // sum over that ring. So no volume-sized buffer is allocated besides the gradients: a stream
-// holds 5 (window + 1) slices in the input dtype and 5 float64 slices, plus 5 float64 scratch
+// holds 5 (window + 1) slices in the ring type (the input dtype; float32 for float16/bfloat16,
+// whose 8 or 11 bits would not hold a box sum) and 5 float64 slices, plus 5 float64 scratch
 // slices per task (forward 1 stream; backward 2 and 5 more slices: the box sums of the moments
 // feed the per-voxel cc coefficients, whose box sums give the gradients).
+// Inputs are read, and gradients written, through their strides (any layout, no copy); the
+// gradients take the memory format of their input.
 // Tasks are slabs along D (for_each_slab); every sum has a fixed order, so results are bitwise
 // identical for any thread count.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -56,6 +60,27 @@ inline void box_line(const double* x, int64_t n, int64_t r, double* out) {
 }
 
 inline int64_t row_grain(const Geometry& g) { return std::max<int64_t>(1, kGrainVoxels / g.w); }
+
+// One (batch item, channel) volume of a 5-D tensor, through its strides.
+template <typename T>
+struct Volume {
+  T* p;  // (b, c, 0, 0, 0)
+  int64_t sd, sh, sw;
+  Volume(T* data, const at::Tensor& t, int64_t bc)
+      : p(data ? data + (bc / t.size(1)) * t.stride(0) + (bc % t.size(1)) * t.stride(1) : nullptr),
+        sd(t.stride(2)), sh(t.stride(3)), sw(t.stride(4)) {}
+  T* row(int64_t d, int64_t h) const { return p + d * sd + h * sh; }
+};
+
+// body(std::true_type) when every stride is 1 (the compiler then vectorises the row loops as
+// for contiguous data), else body(std::false_type).
+template <typename F>
+void with_unit_stride(bool unit, const F& body) {
+  if (unit)
+    body(std::true_type{});
+  else
+    body(std::false_type{});
+}
 
 // 2D box sums (H and W) of the K fields of one slice into dst [K, H, W].
 // fill(h, row) writes the K rows (each of length W) of slice row h into row[K * W].
@@ -159,32 +184,38 @@ void for_each_slab(const Geometry& g, const F& task) {
 
 // Fill function of box2d for the moments of slice t of one (b, c) volume.
 template <typename scalar_t>
-auto moment_rows(const Geometry& g, const scalar_t* a, const scalar_t* b, int64_t t) {
+auto moment_rows(const Geometry& g, const Volume<const scalar_t>& a, const Volume<const scalar_t>& b,
+                 int64_t t) {
   return [=, &g](int64_t h, double* row) {
-    const int64_t o = (t * g.h + h) * g.w;
-    for (int64_t w = 0; w < g.w; ++w) {
-      double m[K];
-      moments<double>(a[o + w], b[o + w], m);
-      for (int k = 0; k < K; ++k) row[k * g.w + w] = m[k];
-    }
+    const scalar_t* ar = a.row(t, h);
+    const scalar_t* br = b.row(t, h);
+    with_unit_stride(a.sw == 1 && b.sw == 1, [&](auto unit) {
+      const int64_t sa = decltype(unit)::value ? 1 : a.sw, sb = decltype(unit)::value ? 1 : b.sw;
+      for (int64_t w = 0; w < g.w; ++w) {
+        double m[K];
+        moments<double>(static_cast<double>(ar[w * sa]), static_cast<double>(br[w * sb]), m);
+        for (int k = 0; k < K; ++k) row[k * g.w + w] = m[k];
+      }
+    });
   };
 }
 
 at::Tensor lncc_cpu(const at::Tensor& a_in, const at::Tensor& b_in, int64_t window, double eps) {
   const Geometry g = check_inputs("lncc", a_in, b_in, window, eps);
-  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor& a = a_in;
+  const at::Tensor& b = b_in;
   const int64_t hw = g.h * g.w, vol = g.voxels();
   const double inv_n = 1.0 / static_cast<double>(window * window * window);
   const int64_t slabs = slab_count(g);
   std::vector<double> partial(g.batch * g.channels * slabs, 0.0);
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "lncc_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lncc_cpu", [&] {
+    using ring_t = at::opmath_type<scalar_t>;
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
     for_each_slab(g, [&](int64_t task, int64_t bc, int64_t lo, int64_t hi) {
       std::vector<double> tmp(K * hw), row_sum(g.h);
-      Stream<scalar_t> st(g, lo);
-      const scalar_t* va = pa + bc * vol;
-      const scalar_t* vb = pb + bc * vol;
+      Stream<ring_t> st(g, lo);
+      const Volume<const scalar_t> va(pa, a, bc), vb(pb, b, bc);
       double acc = 0;
       for (int64_t t = st.first; t < hi + g.r; ++t) {
         if (t < g.d) box2d(g, moment_rows(g, va, vb, t), tmp.data(), st.slot(t));
@@ -218,27 +249,33 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cpu(const at::Tensor& grad_out,
   const Geometry g = check_inputs("lncc_backward", a_in, b_in, window, eps);
   check_grad_out("lncc_backward", grad_out, a_in);
   const bool need_a = output_mask[0], need_b = output_mask[1];
-  at::Tensor grad_a = empty_volume(need_a ? a_in.sizes() : at::IntArrayRef{0}, a_in.options());
-  at::Tensor grad_b = empty_volume(need_b ? b_in.sizes() : at::IntArrayRef{0}, b_in.options());
+  at::Tensor grad_a = empty_volume(need_a ? a_in.sizes() : at::IntArrayRef{0}, a_in.options(),
+                                   a_in.suggest_memory_format());
+  at::Tensor grad_b = empty_volume(need_b ? b_in.sizes() : at::IntArrayRef{0}, b_in.options(),
+                                   b_in.suggest_memory_format());
   if (!need_a && !need_b) return {grad_a, grad_b};
-  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor& a = a_in;
+  const at::Tensor& b = b_in;
   const at::Tensor go = grad_out.to(at::kDouble).contiguous();
   const int64_t hw = g.h * g.w, vol = g.voxels();
   const double inv_n = 1.0 / static_cast<double>(window * window * window);
   const double inv_count = 1.0 / static_cast<double>(g.channels * vol);  // lncc is a mean
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "lncc_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lncc_backward_cpu", [&] {
+    using ring_t = at::opmath_type<scalar_t>;
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
     scalar_t* ga = need_a ? grad_a.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gb = need_b ? grad_b.mutable_data_ptr<scalar_t>() : nullptr;
     for_each_slab(g, [&](int64_t, int64_t bc, int64_t lo, int64_t hi) {
       const double scale = go.const_data_ptr<double>()[bc / g.channels] * inv_count;
-      const scalar_t* va = pa + bc * vol;
-      const scalar_t* vb = pb + bc * vol;
+      const Volume<const scalar_t> va(pa, a, bc), vb(pb, b, bc);
+      // (a gradient not asked for: a null volume, never written)
+      const Volume<scalar_t> vga(ga, need_a ? grad_a : a, bc), vgb(gb, need_b ? grad_b : b, bc);
+      const bool unit = va.sw == 1 && vb.sw == 1 && (!ga || vga.sw == 1) && (!gb || vgb.sw == 1);
       std::vector<double> tmp(K * hw), coef(K * hw);
       // Stage 2 box-sums coefficient slices [lo - r, hi + r) into the gradients of [lo, hi);
       // stage 1 makes those coefficients from the moment sums of the same slices.
-      Stream<scalar_t> coef_st(g, lo), moments_st(g, coef_st.first);
+      Stream<ring_t> coef_st(g, lo), moments_st(g, coef_st.first);
       const int64_t coef_end = std::min(g.d, hi + g.r);
       auto coef_rows = [&](int64_t h, double* row) {
         for (int k = 0; k < K; ++k)
@@ -260,14 +297,23 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_cpu(const at::Tensor& grad_out,
         if (t2 < coef_st.first) continue;
         if (t2 < g.d) box2d(g, coef_rows, tmp.data(), coef_st.slot(t2));
         coef_st.step(t2, [&](int64_t d, int64_t h, const double* s) {
-          const int64_t o = bc * vol + (d * g.h + h) * g.w;
-          for (int64_t w = 0; w < g.w; ++w) {
-            double tk[K], da, db;
-            for (int k = 0; k < K; ++k) tk[k] = s[k * hw + w];
-            input_gradients<double>(tk, pa[o + w], pb[o + w], &da, &db);
-            if (ga) ga[o + w] = static_cast<scalar_t>(da);
-            if (gb) gb[o + w] = static_cast<scalar_t>(db);
-          }
+          const scalar_t* ar = va.row(d, h);
+          const scalar_t* br = vb.row(d, h);
+          scalar_t* gar = ga ? vga.row(d, h) : nullptr;
+          scalar_t* gbr = gb ? vgb.row(d, h) : nullptr;
+          with_unit_stride(unit, [&](auto u) {
+            constexpr bool kUnit = decltype(u)::value;
+            const int64_t sa = kUnit ? 1 : va.sw, sb = kUnit ? 1 : vb.sw;
+            const int64_t sga = kUnit ? 1 : vga.sw, sgb = kUnit ? 1 : vgb.sw;
+            for (int64_t w = 0; w < g.w; ++w) {
+              double tk[K], da, db;
+              for (int k = 0; k < K; ++k) tk[k] = s[k * hw + w];
+              input_gradients<double>(tk, static_cast<double>(ar[w * sa]), static_cast<double>(br[w * sb]), &da,
+                                      &db);
+              if (gar) gar[w * sga] = static_cast<scalar_t>(da);
+              if (gbr) gbr[w * sgb] = static_cast<scalar_t>(db);
+            }
+          });
         });
       }
     });

@@ -224,6 +224,10 @@ std::tuple<at::Tensor, at::Tensor> lncc_backward_device(const Launcher& launch,
            need_a ? grad_a.mutable_data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr),
            need_b ? grad_b.mutable_data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
   });
+  // The kernels write contiguous gradients; as on the CPU, each takes its input's memory format
+  // (a copy for a channels-last input).
+  if (need_a) grad_a = grad_a.contiguous(a_in.suggest_memory_format());
+  if (need_b) grad_b = grad_b.contiguous(b_in.suggest_memory_format());
   return {grad_a, grad_b};
 }
 

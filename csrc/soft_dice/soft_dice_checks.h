@@ -14,8 +14,8 @@ namespace deepatlas_fast {
 namespace soft_dice {
 
 // probs [B, C, ...]; target integer labels [B, 1, ...] or probabilities [B, C, ...] of probs'
-// dtype. CPU kernels take float32/float64; the CUDA kernels (kernel_half, also under the
-// emulator) float16/bfloat16 too, with float32 sums.
+// dtype. Every backend takes float32/float64 and float16/bfloat16 (float32 sums on CUDA,
+// float64 across chunks on the CPU); kernel_half: the CUDA kernels (also under the emulator).
 inline Geometry check_inputs(const char* op, const at::Tensor& probs, const at::Tensor& target,
                              bool from_logits, bool kernel_half = false) {
   TORCH_CHECK_VALUE(probs.dim() >= 2, op, ": probs must be [B, C, ...], got shape ", probs.sizes());

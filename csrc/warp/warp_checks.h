@@ -31,8 +31,8 @@ inline Strides5 strides5(const at::Tensor& t) {
 }
 
 // Checks image [B, C, D, H, W] and disp [B, 3, D', H', W']; returns the geometry.
-// The CPU kernels take float32/float64; the CUDA kernels (kernel_half = true, also when run
-// by the emulator) float16/bfloat16 too, with float32 accumulation.
+// Every backend takes float32/float64 and float16/bfloat16 (float32 accumulation);
+// kernel_half = true: the CUDA kernels (also when run by the emulator), named in the messages.
 inline Geometry check_inputs(const char* op, const at::Tensor& image, const at::Tensor& disp,
                              c10::string_view mode, c10::string_view padding,
                              bool kernel_half = false) {

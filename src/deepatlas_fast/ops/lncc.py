@@ -9,7 +9,7 @@ import operator
 
 import torch
 
-from ._library import check_one_device, for_transforms, functorch_active, merge_batch_vmap, ops
+from ._library import check_one_device, empty_in_format_of, for_transforms, functorch_active, merge_batch_vmap, ops
 
 
 def lncc(a: torch.Tensor, b: torch.Tensor, *, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
@@ -30,13 +30,15 @@ def lncc(a: torch.Tensor, b: torch.Tensor, *, window: int = 9, eps: float = 1e-5
 
     Memory, CPU: the kernel streams each volume along D in slabs (one per thread at a time)
     and allocates no volume-sized buffer besides the two gradients. Per thread: forward
-    5 (window + 1) slices of H x W in the input dtype plus 10 float64 slices; backward about
-    twice that. At 160x192x224, window 9, float32 that is ~0.45 volumes per thread forward and
+    5 (window + 1) slices of H x W in the input dtype (float32 for float16/bfloat16) plus
+    10 float64 slices; backward about twice that. At 160x192x224, window 9, float32 that is ~0.45 volumes per thread forward and
     ~0.9 backward, so forward+backward on 2 threads peaks at ~2 volumes + the 2 gradients.
     CUDA: 5 volume-sized float32 buffers (float64 for float64 input) besides the gradients.
 
-    CPU: float32/float64 with float64 sums, bitwise deterministic for any thread count.
-    CUDA: also float16/bfloat16 with float32 sums; deterministic (no atomics), no host sync.
+    float32, float64, float16 and bfloat16; the gradients take their input's memory format.
+    CPU: float64 sums (2D box sums kept in the input dtype, float32 for float16/bfloat16), any
+    strides read in place (no copy), bitwise deterministic for any thread count. CUDA: float32 sums (float64 for
+    float64); deterministic (no atomics), no host sync.
     """
     # bool is an int, and int() would truncate 3.5 to 3: neither is a window
     try:
@@ -63,8 +65,8 @@ def _lncc_fake(a, b, window=9, eps=1e-5):
 @torch.library.register_fake("deepatlas_fast::lncc_backward")
 def _lncc_backward_fake(grad_out, a, b, window, eps, output_mask):
     check_one_device("lncc_backward", a=a, b=b, grad_out=grad_out)
-    return (a.new_empty(a.shape if output_mask[0] else (0,)),
-            b.new_empty(b.shape if output_mask[1] else (0,)))
+    return (empty_in_format_of(a, a.shape if output_mask[0] else (0,)),
+            empty_in_format_of(b, b.shape if output_mask[1] else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
