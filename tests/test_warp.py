@@ -69,10 +69,10 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.deepatlas_fast.warp.default, args)
 
 
-@pytest.mark.parametrize("device, dtype", devices_and_dtypes(cpu=[torch.float32],
+@pytest.mark.parametrize("device, dtype", devices_and_dtypes(cpu=[torch.float32, torch.float16, torch.bfloat16],
                                                              cuda=[torch.float32, torch.float16, torch.bfloat16]))
 def test_dtypes(device, dtype):
-    """float32 everywhere; float16 and bfloat16 on CUDA (float32 accumulation)."""
+    """float32, float16 and bfloat16 everywhere (float32 accumulation)."""
     image = torch.randn(1, 1, 8, 8, 8, device=device, dtype=dtype)
     disp = torch.randn(1, 3, 8, 8, 8, device=device, dtype=dtype)
     out = da.warp(image, disp)
@@ -278,6 +278,110 @@ def test_every_tensor_on_one_device(name):
     assert_one_device(getattr(torch.ops.deepatlas_fast, name), args)
 
 
+# ---- float16/bfloat16 and memory formats on the CPU ----------------------------------------
+
+# rtol of float16/bfloat16 results against the float64 reference evaluated on the same rounded
+# inputs: the kernels compute in float32 and round each result to the dtype, half an ulp (2^-8
+# of the value for bfloat16's 8 significant bits, 2^-11 for float16's 11); the disp gradient of
+# the location-gradient path rounds twice (loc_grad is kept in the dtype). atol covers float32
+# rounding where a result cancels to near 0. Arithmetic in the dtype itself would round at
+# every step, several ulps.
+REDUCED_RTOL = {torch.bfloat16: 2 ** -7 + 1e-5, torch.float16: 2 ** -10 + 1e-5}
+
+
+def reduced_disp(b, shape, scale, dtype):
+    """Displacements exact in float16/bfloat16 whose locations stay 1/16 voxel away from every
+    integer and half-integer: there the float64 reference, which goes through a normalised
+    grid, could round to the other side of a corner (linear) or of a tie (nearest)."""
+    whole = (torch.randn(b, 3, *shape) * scale).round().clamp(-7, 7)
+    return (whole + (2 * torch.randint(0, 8, (b, 3, *shape)) + 1) / 16).to(dtype)
+
+
+@given(warp_case(), st.sampled_from([torch.bfloat16, torch.float16]))
+def test_reduced_precision_matches_the_reference_on_the_rounded_inputs(case, dtype):
+    """Forward and both gradients (the location-gradient path for one channel in linear mode)."""
+    b, c, in_shape, out_shape, scale, mode, padding = case
+    image, disp = torch.randn(b, c, *in_shape).to(dtype), reduced_disp(b, out_shape, scale, dtype)
+    f = lambda i, d: da.warp(i, d, mode=mode, padding=padding)  # noqa: E731
+    ref_f = lambda i, d: warp_reference(i, d, mode, padding)  # noqa: E731
+    out = f(image, disp)
+    assert out.dtype == dtype
+    rtol = REDUCED_RTOL[dtype]
+    torch.testing.assert_close(out.double(), ref_f(image.double(), disp.double()), rtol=rtol, atol=1e-5)
+    g = torch.randn(out.shape).to(dtype)
+    ours = backward_pair(f, image, disp, g)
+    theirs = backward_pair(ref_f, image.double(), disp.double(), g.double())
+    for o, r in zip(ours, theirs):
+        assert o.dtype == dtype
+        torch.testing.assert_close(o.double(), r, rtol=rtol, atol=1e-5)
+
+
+def relayout(t, layout):
+    """t's values in another memory layout."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "sliced":  # every other element of a wider tensor along W
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.transpose(2, 4).contiguous().transpose(2, 4)  # "permuted"
+
+
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "permuted"])
+def test_memory_layouts_give_the_contiguous_bits_without_a_copy(layout, c, volume_copies):
+    """Any layout is read through its strides (no copy of a volume), with the same bits as
+    contiguous inputs (each value comes from the same code in the same order; the SIMD rows,
+    which only serve W-contiguous rows, give the scalar code's bits). The output takes the
+    image's memory format, each gradient its input's: channels_last_3d for channels-last
+    inputs, contiguous otherwise."""
+    ops = torch.ops.deepatlas_fast
+    image, disp = random_inputs(2, c, (6, 7, 9), (5, 6, 8), 2.0, dtype=torch.float32)
+    image_l, disp_l = relayout(image, layout), relayout(disp, layout)
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    g = torch.randn(2, c, 5, 6, 8)
+    for mode, padding in [("linear", "zeros"), ("linear", "border"), ("nearest", "zeros")]:
+        out = ops.warp(image_l, disp_l, mode, padding)
+        assert torch.equal(out, ops.warp(image, disp, mode, padding)) and out.is_contiguous(memory_format=fmt)
+        grads = ops.warp_backward(g, image_l, disp_l, mode, padding, [True, True])
+        for ours, theirs in zip(grads, ops.warp_backward(g, image, disp, mode, padding, [True, True])):
+            assert torch.equal(ours, theirs) and ours.is_contiguous(memory_format=fmt)
+        # autograd, with the location-gradient path for one channel in linear mode (.grad
+        # takes the layout of its tensor: autograd's own rule)
+        i, d = image_l.detach().requires_grad_(), disp_l.detach().requires_grad_()
+        torch.autograd.backward(da.warp(i, d, mode=mode, padding=padding), g)
+        assert torch.equal(i.grad, grads[0])
+        torch.testing.assert_close(d.grad, grads[1], rtol=1e-6, atol=1e-6)
+
+    def run():
+        ops.warp(image_l, disp_l, "linear", "zeros")
+        ops.warp_backward(g, image_l, disp_l, "linear", "zeros", [True, True])
+        if c == 1:
+            ops.warp_backward_with_loc_grad(g, image_l, disp_l, ops.warp_with_loc_grad(image_l, disp_l)[1], "zeros")
+    assert volume_copies(run, image.shape, disp.shape) == []
+
+
+def test_opcheck_reduced_precision_and_channels_last():
+    """The fake kernels give the real kernels' dtypes and strides (opcheck compares them)."""
+    image, disp = random_inputs(2, 1, (5, 6, 7), (4, 5, 6), 2.0, dtype=torch.float32)
+    cl = torch.channels_last_3d
+    for i, d in [(image.bfloat16(), disp.bfloat16()), (image.half(), disp.half()),
+                 (image.contiguous(memory_format=cl), disp.contiguous(memory_format=cl)),
+                 (image.contiguous(memory_format=cl), disp), (image, disp.contiguous(memory_format=cl)),
+                 (image.expand(2, 3, 5, 6, 7).contiguous(memory_format=cl).bfloat16(), disp.bfloat16())]:
+        for requires_grad in (True, False):
+            args = (i.clone().requires_grad_(requires_grad), d.clone().requires_grad_(requires_grad))
+            torch.library.opcheck(torch.ops.deepatlas_fast.warp.default, (*args, "linear", "zeros"))
+        g = torch.randn(2, i.shape[1], 4, 5, 6, dtype=i.dtype)
+        torch.library.opcheck(torch.ops.deepatlas_fast.warp_backward.default,
+                              (g, i, d, "linear", "border", [True, True]))
+        if i.shape[1] == 1:
+            torch.library.opcheck(torch.ops.deepatlas_fast.warp_with_loc_grad.default, (i, d, "zeros"))
+            loc = torch.ops.deepatlas_fast.warp_with_loc_grad(i, d, "zeros")[1]
+            torch.library.opcheck(torch.ops.deepatlas_fast.warp_backward_with_loc_grad.default,
+                                  (g, i, d, loc, "zeros"))
+
+
 # ---- the CUDA kernel source, executed by the CUDA emulator ------------------------------
 
 @pytest.mark.parametrize("mode", MODES)
@@ -301,7 +405,7 @@ def test_cuda_kernels_under_emulator(mode, padding, launch, emulated):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_precision_kernels_under_emulator(dtype, emulated):
-    """The CUDA build takes half/bfloat16 with float32 accumulation; the CPU path does not."""
+    """The CUDA build takes half/bfloat16 with float32 accumulation, as the CPU path does."""
     image, disp = random_inputs(1, 2, (6, 6, 6), (5, 5, 5), 1.5, dtype=torch.float32)
     ref = warp_reference(image.double(), disp.double())
     out = emulated.warp(image.to(dtype), disp.to(dtype), "linear", "zeros", 32, 4)

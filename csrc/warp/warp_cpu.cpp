@@ -33,9 +33,15 @@
 //    by the lowest image slice they write, even keys then odd keys, each key's voxels serially.
 // backward_cpu tries the slab plan first. Without the image gradient the backward is a map.
 //
-// SIMD rows. float32, linear mode, W-contiguous image and displacement: 8 voxels of a row at a
-// time, in an AVX2 copy and an AVX-512 copy of one source (the AVX-512 copy differs in the
-// scatter of full blocks, by runs of consecutive cells). Called after a runtime CPU check;
+// Dtypes and layouts. float16/bfloat16 values are loaded into float32 (at::opmath_type),
+// computed on by the scalar code (the math of warp_math.h, as on CUDA) and stored once; the
+// image gradient accumulates in a float32 buffer of the image's layout, converted at the end.
+// Inputs of any strides are read in place. The output takes the image's memory format, each
+// gradient its input's (channels_last_3d in, channels_last_3d out), as torch's own ops do.
+//
+// SIMD rows. float32, linear mode, W-contiguous image, displacement and outputs: 8 voxels of
+// a row at a time, in an AVX2 copy and an AVX-512 copy of one source (the AVX-512 copy differs
+// in the scatter of full blocks, by runs of consecutive cells). Called after a runtime CPU check;
 // DEEPATLAS_FAST_SIMD (read at every call) caps the level. Voxels that are not strictly
 // interior are computed in vector form too; row tails go to the scalar code.
 //
@@ -56,6 +62,7 @@
 //  - the SIMD rows perform warp_math.h's operations in the scalar code's order, without FMA
 //    (the build passes -ffp-contract=off); the tests compare every level with the scalar code.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -99,14 +106,18 @@ void read_ahead_disp(const Geometry& g, const scalar_t* disp, const Strides5& ds
 at::Tensor warp_cpu(const at::Tensor& image, const at::Tensor& disp, c10::string_view mode,
                     c10::string_view padding) {
   const Geometry g = check_inputs("warp", image, disp, mode, padding);
-  at::Tensor out = empty_volume({g.batch, g.channels, g.out_d, g.out_h, g.out_w}, image.options());
+  // The output takes the image's memory format (as elementwise ops do): a channels-last image
+  // gives a channels-last output, written through its strides.
+  at::Tensor out = empty_volume({g.batch, g.channels, g.out_d, g.out_h, g.out_w}, image.options(),
+                                image.suggest_memory_format());
   const Strides5 is = strides5(image), ds = strides5(disp), os = strides5(out);
-  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "warp_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "warp_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* img = image.const_data_ptr<scalar_t>();
     const scalar_t* u = disp.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const Limits<scalar_t> lim = limits<scalar_t>(g);
-    const SimdLevel simd = row_simd<scalar_t>(g, is, ds);
+    const Limits<acc_t> lim = limits<acc_t>(g);
+    const SimdLevel simd = os.w == 1 ? row_simd<scalar_t>(g, is, ds) : SimdLevel::None;
     // Interior voxels of linear mode take the short path, single-channel images (the common
     // case) with the channel count fixed at compile time; the rest the general path.
     auto run = [&](auto channels) {
@@ -115,13 +126,13 @@ at::Tensor warp_cpu(const at::Tensor& image, const at::Tensor& disp, c10::string
         const scalar_t* ib = img + b * is.b;
         scalar_t* orow = o + b * os.b + d * os.d + h * os.h;
         auto voxel = [&](int64_t w) {
-          scalar_t z, y, x;
+          acc_t z, y, x;
           row.at(w, &z, &y, &x);
           if (g.mode == Mode::Linear && strictly_interior(lim, z, y, x))
             sample_interior<decltype(channels)::value>(
                 g, ib, is, interior_cell(z, y, x, is.d, is.h, is.w), orow + w * os.w, os.c);
           else
-            sample_voxel<scalar_t, scalar_t>(g, ib, is, z, y, x, orow + w * os.w, os.c);
+            sample_voxel<scalar_t, acc_t>(g, ib, is, z, y, x, orow + w * os.w, os.c);
         };
         if constexpr (std::is_same<scalar_t, float>::value) {
           if (simd != SimdLevel::None) {  // (the AVX-512 copy differs in the image-gradient scatter only)
@@ -152,30 +163,34 @@ std::tuple<at::Tensor, at::Tensor> warp_with_loc_grad_cpu(const at::Tensor& imag
   // (errors name warp: users reach this op through deepatlas_fast.warp)
   const Geometry g = check_inputs("warp", image, disp, "linear", padding);
   TORCH_CHECK_VALUE(g.channels == 1, "warp_with_loc_grad: image must have one channel, got ", g.channels);
-  at::Tensor out = empty_volume({g.batch, 1, g.out_d, g.out_h, g.out_w}, image.options());
-  at::Tensor loc = empty_volume({g.batch, 3, g.out_d, g.out_h, g.out_w}, image.options());
+  // out as warp's; loc_grad, which becomes the disp gradient, takes disp's memory format.
+  at::Tensor out = empty_volume({g.batch, 1, g.out_d, g.out_h, g.out_w}, image.options(),
+                                image.suggest_memory_format());
+  at::Tensor loc = empty_volume({g.batch, 3, g.out_d, g.out_h, g.out_w}, image.options(),
+                                disp.suggest_memory_format());
   const Strides5 is = strides5(image), ds = strides5(disp), os = strides5(out), ls = strides5(loc);
-  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "warp_with_loc_grad_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "warp_with_loc_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* img = image.const_data_ptr<scalar_t>();
     const scalar_t* u = disp.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     scalar_t* l = loc.mutable_data_ptr<scalar_t>();
     const scalar_t one = 1;
-    const SimdLevel simd = row_simd<scalar_t>(g, is, ds);
+    const SimdLevel simd = os.w == 1 && ls.w == 1 ? row_simd<scalar_t>(g, is, ds) : SimdLevel::None;
     for_each_row(g, [&](int64_t b, int64_t d, int64_t h) {
       const Row<scalar_t> row(u, ds, b, d, h);
       const scalar_t* ib = img + b * is.b;
       scalar_t* orow = o + b * os.b + d * os.d + h * os.h;
       scalar_t* lrow = l + b * ls.b + d * ls.d + h * ls.h;
       auto voxel = [&](int64_t w) {
-        scalar_t z, y, x, tz, ty, tx;
+        acc_t z, y, x, tz, ty, tx;
         row.at(w, &z, &y, &x);
-        sample_voxel<scalar_t, scalar_t>(g, ib, is, z, y, x, orow + w * os.w, os.c);
-        NoAdd<scalar_t> none;
-        backward_voxel<scalar_t, scalar_t>(g, ib, is, is, z, y, x, &one, 0, false, true, none, &tz, &ty, &tx);
-        lrow[w * ls.w] = tz;
-        lrow[ls.c + w * ls.w] = ty;
-        lrow[2 * ls.c + w * ls.w] = tx;
+        sample_voxel<scalar_t, acc_t>(g, ib, is, z, y, x, orow + w * os.w, os.c);
+        NoAdd<acc_t> none;
+        backward_voxel<scalar_t, acc_t>(g, ib, is, is, z, y, x, &one, 0, false, true, none, &tz, &ty, &tx);
+        lrow[w * ls.w] = static_cast<scalar_t>(tz);
+        lrow[ls.c + w * ls.w] = static_cast<scalar_t>(ty);
+        lrow[2 * ls.c + w * ls.w] = static_cast<scalar_t>(tx);
       };
       if constexpr (std::is_same<scalar_t, float>::value) {
         // (casts: identity here, but this lambda is no template, so the branch is compiled
@@ -213,27 +228,39 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, const at::Tensor
   check_grad_out(op, grad_out, g, image);
   const bool need_image = output_mask[0], need_disp = output_mask[1];
   const bool scale = loc_grad != nullptr;  // need_disp then too
-  at::Tensor grad_image = empty_volume(need_image ? image.sizes() : at::IntArrayRef{0}, image.options());
+  // Each gradient takes the memory format of its input (torch's convention).
+  const c10::MemoryFormat image_format = image.suggest_memory_format();
+  at::Tensor grad_image =
+      empty_volume(need_image ? image.sizes() : at::IntArrayRef{0}, image.options(), image_format);
   at::Tensor grad_disp = scale ? *loc_grad
                                : empty_volume(need_disp ? at::IntArrayRef{g.batch, 3, g.out_d, g.out_h, g.out_w}
-                                                        : at::IntArrayRef{0}, disp.options());
+                                                        : at::IntArrayRef{0}, disp.options(),
+                                              disp.suggest_memory_format());
   // (grad_image is zeroed by the schedule below: slice by slice in the slab schedule)
   if (!need_image && !need_disp) return {grad_image, grad_disp};
+  // A float16/bfloat16 image gradient is accumulated in a float32 buffer of the same layout,
+  // converted once at the end.
+  const bool reduced = image.scalar_type() == at::kHalf || image.scalar_type() == at::kBFloat16;
+  at::Tensor acc_image = need_image && reduced
+                             ? empty_volume(image.sizes(), image.options().dtype(at::kFloat), image_format)
+                             : grad_image;
   const Strides5 is = strides5(image), ds = strides5(disp), gs = strides5(grad_out);
-  const Strides5 ris = need_image ? strides5(grad_image) : is;
+  const Strides5 ris = need_image ? strides5(acc_image) : is;
   const Strides5 rds = need_disp ? strides5(grad_disp) : ds;
 
-  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "warp_backward_cpu", [&] {
-    // grad_image is ours (contiguous), grad_disp too; grad_out may be broadcast along W.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "warp_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // grad_image is ours (contiguous or channels-last), grad_disp too; grad_out may be
+    // broadcast along W.
     const bool rows_fit = (gs.w == 0 || gs.w == 1) && (!need_image || (ris.w == 1 && fits_int32(g, ris))) &&
                           (!need_disp || rds.w == 1);
     BackwardRows<scalar_t> rows;
     rows.g = g;
-    rows.lim = limits<scalar_t>(g);
+    rows.lim = limits<acc_t>(g);
     rows.img = image.const_data_ptr<scalar_t>();
     rows.u = disp.const_data_ptr<scalar_t>();
     rows.go = grad_out.const_data_ptr<scalar_t>();
-    rows.gi = need_image ? grad_image.mutable_data_ptr<scalar_t>() : nullptr;
+    rows.gi = need_image ? acc_image.mutable_data_ptr<acc_t>() : nullptr;
     rows.gd = need_disp ? grad_disp.mutable_data_ptr<scalar_t>() : nullptr;
     rows.is = is, rows.ds = ds, rows.gs = gs, rows.ris = ris, rows.rds = rds;
     rows.need_image = need_image, rows.need_disp = need_disp, rows.scale = scale;
@@ -246,9 +273,11 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, const at::Tensor
       });
       return;
     }
-    if (backward_by_slabs(rows)) return;
-    grad_image.zero_();
-    backward_by_sorted_keys(rows);
+    if (!backward_by_slabs(rows)) {
+      acc_image.zero_();
+      backward_by_sorted_keys(rows);
+    }
+    if (reduced) grad_image.copy_(acc_image);
   });
   return {grad_image, grad_disp};
 }

@@ -7,6 +7,10 @@
 // warp_cpu.cpp for the map of the CPU warp.
 #pragma once
 
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 #include <type_traits>
 
@@ -28,17 +32,21 @@ struct PlainAdd {
 };
 
 // The inputs, outputs and options of one backward call, and the backward of one voxel or one
-// output row. need_image: the image gradient gi (contiguous, ours) is wanted; need_disp: the
-// disp gradient gd; scale (warp_backward_with_loc_grad): gd holds loc_grad on entry and
-// becomes loc_grad * grad_out, written by the rows of the image-gradient scatter.
+// output row. need_image: the image gradient gi (ours, contiguous or channels-last) is wanted;
+// need_disp: the disp gradient gd; scale (warp_backward_with_loc_grad): gd holds loc_grad on
+// entry and becomes loc_grad * grad_out, written by the rows of the image-gradient scatter.
+// acc_t: the arithmetic type (float32 for float16/bfloat16 tensors), also that of gi: the
+// scatter adds many values into each image-gradient voxel, and rounding every partial sum to
+// bfloat16's 8 (float16's 11) bits would lose the small ones.
 template <typename scalar_t>
 struct BackwardRows {
+  using acc_t = at::opmath_type<scalar_t>;
   Geometry g;
-  Limits<scalar_t> lim;
+  Limits<acc_t> lim;
   const scalar_t* img;
   const scalar_t* u;   // disp
   const scalar_t* go;  // grad_out (may be broadcast along W: gs.w == 0)
-  scalar_t* gi;        // image gradient, or null
+  acc_t* gi;           // image gradient (float16/bfloat16 images: a float32 buffer), or null
   scalar_t* gd;        // disp gradient, or null
   Strides5 is, ds, gs, ris, rds;  // image, disp, grad_out, image gradient, disp gradient
   bool need_image, need_disp, scale;
@@ -48,8 +56,8 @@ struct BackwardRows {
   // linear mode take the short path, with the channel count fixed for one channel.
   template <int kChannels>
   inline void voxel(const Row<scalar_t>& row, int64_t b, int64_t d, int64_t h, int64_t w,
-                    PlainAdd<scalar_t>& add) const {
-    scalar_t z, y, x, tz, ty, tx;
+                    PlainAdd<acc_t>& add) const {
+    acc_t z, y, x, tz, ty, tx;
     row.at(w, &z, &y, &x);
     const scalar_t* ib = img + b * is.b;
     const scalar_t* gv = go + b * gs.b + d * gs.d + h * gs.h + w * gs.w;
@@ -58,14 +66,18 @@ struct BackwardRows {
       backward_interior<kChannels>(g, ib, is, ris, z, y, x, gv, gs.c, need_image, from_image, add, &tz, &ty,
                                    &tx);
     else
-      backward_voxel<scalar_t, scalar_t>(g, ib, is, ris, z, y, x, gv, gs.c, need_image, from_image, add, &tz,
-                                         &ty, &tx);
+      backward_voxel<scalar_t, acc_t>(g, ib, is, ris, z, y, x, gv, gs.c, need_image, from_image, add, &tz,
+                                      &ty, &tx);
     if (need_disp) {
       scalar_t* r = gd + b * rds.b + d * rds.d + h * rds.h + w * rds.w;
-      if (scale) tz = r[0] * gv[0], ty = r[rds.c] * gv[0], tx = r[2 * rds.c] * gv[0];  // (one channel)
-      r[0] = tz;
-      r[rds.c] = ty;
-      r[2 * rds.c] = tx;
+      if (scale) {  // (one channel)
+        const acc_t g0 = static_cast<acc_t>(gv[0]);
+        tz = static_cast<acc_t>(r[0]) * g0, ty = static_cast<acc_t>(r[rds.c]) * g0,
+        tx = static_cast<acc_t>(r[2 * rds.c]) * g0;
+      }
+      r[0] = static_cast<scalar_t>(tz);
+      r[rds.c] = static_cast<scalar_t>(ty);
+      r[2 * rds.c] = static_cast<scalar_t>(tx);
     }
   }
 
@@ -74,7 +86,7 @@ struct BackwardRows {
   template <int kChannels>
   inline void row(int64_t b, int64_t d, int64_t h) const {
     const Row<scalar_t> r0(u, ds, b, d, h);
-    PlainAdd<scalar_t> add{need_image ? gi + b * ris.b : nullptr};
+    PlainAdd<acc_t> add{need_image ? gi + b * ris.b : nullptr};
     auto fallback = [&](int64_t w) { voxel<kChannels>(r0, b, d, h, w, add); };
     if constexpr (std::is_same<scalar_t, float>::value) {
       if (level != SimdLevel::None) {
@@ -131,8 +143,12 @@ void backward_by_sorted_keys(const BackwardRows<scalar_t>& rows);
 
 extern template bool backward_by_slabs<float>(const BackwardRows<float>&);
 extern template bool backward_by_slabs<double>(const BackwardRows<double>&);
+extern template bool backward_by_slabs<c10::Half>(const BackwardRows<c10::Half>&);
+extern template bool backward_by_slabs<c10::BFloat16>(const BackwardRows<c10::BFloat16>&);
 extern template void backward_by_sorted_keys<float>(const BackwardRows<float>&);
 extern template void backward_by_sorted_keys<double>(const BackwardRows<double>&);
+extern template void backward_by_sorted_keys<c10::Half>(const BackwardRows<c10::Half>&);
+extern template void backward_by_sorted_keys<c10::BFloat16>(const BackwardRows<c10::BFloat16>&);
 
 }  // namespace cpu
 }  // namespace warp

@@ -56,7 +56,8 @@ void plan_zeroing(const Geometry& g, const std::vector<std::pair<int64_t, int64_
 template <typename scalar_t>
 std::pair<int64_t, int64_t> slice_reach(const Geometry& g, const scalar_t* uz, const Strides5& ds,
                                         int64_t d, bool simd) {
-  scalar_t lo = std::numeric_limits<scalar_t>::infinity(), hi = -lo;
+  using acc_t = at::opmath_type<scalar_t>;  // (the locations' type in the rows)
+  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -lo;
   for (int64_t h = 0; h < g.out_h; ++h) {
     const scalar_t* p = uz + h * ds.h;
     if constexpr (std::is_same<scalar_t, float>::value) {
@@ -66,21 +67,21 @@ std::pair<int64_t, int64_t> slice_reach(const Geometry& g, const scalar_t* uz, c
       }
     }
     for (int64_t w = 0; w < g.out_w; ++w) {
-      const scalar_t v = p[w * ds.w];
+      const acc_t v = static_cast<acc_t>(p[w * ds.w]);
       lo = v < lo ? v : lo;  // NaN compares false: skipped
       hi = v > hi ? v : hi;
     }
   }
   if (!(lo <= hi)) return {1, 0};  // nothing finite: writes nothing
-  const scalar_t z0 = static_cast<scalar_t>(d) + lo, z1 = static_cast<scalar_t>(d) + hi;
+  const acc_t z0 = static_cast<acc_t>(d) + lo, z1 = static_cast<acc_t>(d) + hi;
   // "border" clamps locations into the volume first: they write its edge slices, so a chunk
   // whose locations all lie beyond the volume must not be taken for one that writes nothing
   // (it could then run beside the chunk writing the same edge slice: a race). "zeros" writes
   // nothing beyond -2 or in_d + 1. Linear writes floor(z) and floor(z) + 1, nearest
   // round(z) <= floor(z) + 1.
   const bool border = g.padding == Padding::Border;
-  const scalar_t bottom = border ? scalar_t(0) : scalar_t(-2);
-  const scalar_t top = static_cast<scalar_t>(border ? g.in_d - 1 : g.in_d + 1);
+  const acc_t bottom = border ? acc_t(0) : acc_t(-2);
+  const acc_t top = static_cast<acc_t>(border ? g.in_d - 1 : g.in_d + 1);
   const int64_t a = floor_index(clamp_value(z0, bottom, top));
   const int64_t b = floor_index(clamp_value(z1, bottom, top)) + 1;
   return {std::max<int64_t>(a, 0), std::min<int64_t>(b, g.in_d - 1)};
@@ -150,11 +151,18 @@ bool backward_by_slabs(const BackwardRows<scalar_t>& rows) {
   const Geometry& g = rows.g;
   const SlabPlan plan = plan_slabs(g, rows.u, rows.ds, rows.level != SimdLevel::None);
   if (plan.phases == 0) return false;
-  scalar_t* gi = rows.gi;
+  using acc_t = typename BackwardRows<scalar_t>::acc_t;
+  acc_t* gi = rows.gi;
   const Strides5& ris = rows.ris;
+  // The image gradient is ours: contiguous (a slice of a channel is one block) or channels-last
+  // (a slice of all channels is one block).
+  const bool channels_last = g.channels > 1 && ris.c == 1;
   auto zero_slice = [&](int64_t b, int64_t s) {
-    for (int64_t c = 0; c < g.channels; ++c)
-      std::memset(gi + b * ris.b + c * ris.c + s * ris.d, 0, sizeof(scalar_t) * g.in_h * g.in_w);
+    if (channels_last)
+      std::memset(gi + b * ris.b + s * ris.d, 0, sizeof(acc_t) * g.channels * g.in_h * g.in_w);
+    else
+      for (int64_t c = 0; c < g.channels; ++c)
+        std::memset(gi + b * ris.b + c * ris.c + s * ris.d, 0, sizeof(acc_t) * g.in_h * g.in_w);
   };
   auto zero_slices_of = [&](int64_t b, int64_t chunk) {  // chunk -1: the slices no chunk writes
     for (int64_t s = 0; s < g.in_d; ++s)
@@ -184,6 +192,8 @@ bool backward_by_slabs(const BackwardRows<scalar_t>& rows) {
 
 template bool backward_by_slabs<float>(const BackwardRows<float>&);
 template bool backward_by_slabs<double>(const BackwardRows<double>&);
+template bool backward_by_slabs<c10::Half>(const BackwardRows<c10::Half>&);
+template bool backward_by_slabs<c10::BFloat16>(const BackwardRows<c10::BFloat16>&);
 
 }  // namespace cpu
 }  // namespace warp

@@ -46,7 +46,8 @@ void backward_by_sorted_keys(const BackwardRows<scalar_t>& rows) {
     for (int64_t h = 0; h < g.out_h; ++h) {
       const scalar_t* uz = u + b * ds.b + d * ds.d + h * ds.h;
       for (int64_t w = 0; w < g.out_w; ++w) {
-        const int64_t slab = scatter_slab(g, static_cast<scalar_t>(d) + uz[w * ds.w]);
+        using acc_t = typename BackwardRows<scalar_t>::acc_t;
+        const int64_t slab = scatter_slab(g, static_cast<acc_t>(d) + static_cast<acc_t>(uz[w * ds.w]));
         f(h, w, slab < -1 ? nkey - 1 : slab + 1);
       }
     }
@@ -90,7 +91,7 @@ void backward_by_sorted_keys(const BackwardRows<scalar_t>& rows) {
       at::parallel_for(0, g.batch * per_batch, 1, [&](int64_t j0, int64_t j1) {
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t b = j / per_batch, k = 2 * (j % per_batch) + parity;
-          PlainAdd<scalar_t> add{rows.gi + b * rows.ris.b};
+          PlainAdd<typename BackwardRows<scalar_t>::acc_t> add{rows.gi + b * rows.ris.b};
           const int32_t* ob = order.data() + b * nvox;
           const int64_t end = key_begin[b * (nkey + 1) + k + 1];
           for (int64_t i = key_begin[b * (nkey + 1) + k]; i < end; ++i) {
@@ -107,6 +108,8 @@ void backward_by_sorted_keys(const BackwardRows<scalar_t>& rows) {
 
 template void backward_by_sorted_keys<float>(const BackwardRows<float>&);
 template void backward_by_sorted_keys<double>(const BackwardRows<double>&);
+template void backward_by_sorted_keys<c10::Half>(const BackwardRows<c10::Half>&);
+template void backward_by_sorted_keys<c10::BFloat16>(const BackwardRows<c10::BFloat16>&);
 
 }  // namespace cpu
 }  // namespace warp

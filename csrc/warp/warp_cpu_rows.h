@@ -4,6 +4,8 @@
 // the top of warp_cpu.cpp for the map of the CPU warp.
 #pragma once
 
+#include <ATen/OpMathType.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -45,21 +47,24 @@ void for_each_row(const Geometry& g, const F& row) {
   parallel_pieces(columns, grain, body);
 }
 
-// Displacement channels of one row and the sampling location x + u(x) along it.
+// Displacement channels of one row and the sampling location x + u(x) along it, in acc_t
+// (float32 for a float16/bfloat16 displacement: its values are loaded once, then computed on
+// in float32, as the CUDA kernels do).
 template <typename scalar_t>
 struct Row {
+  using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* uz;
   const scalar_t* uy;
   const scalar_t* ux;
   int64_t sw;
-  scalar_t d, h;
+  acc_t d, h;
   Row(const scalar_t* disp, const Strides5& s, int64_t b, int64_t d_, int64_t h_)
       : uz(disp + b * s.b + d_ * s.d + h_ * s.h), uy(uz + s.c), ux(uz + 2 * s.c), sw(s.w),
-        d(static_cast<scalar_t>(d_)), h(static_cast<scalar_t>(h_)) {}
-  inline void at(int64_t w, scalar_t* z, scalar_t* y, scalar_t* x) const {
-    *z = d + uz[w * sw];
-    *y = h + uy[w * sw];
-    *x = static_cast<scalar_t>(w) + ux[w * sw];
+        d(static_cast<acc_t>(d_)), h(static_cast<acc_t>(h_)) {}
+  inline void at(int64_t w, acc_t* z, acc_t* y, acc_t* x) const {
+    *z = d + static_cast<acc_t>(uz[w * sw]);
+    *y = h + static_cast<acc_t>(uy[w * sw]);
+    *x = static_cast<acc_t>(w) + static_cast<acc_t>(ux[w * sw]);
   }
 };
 

@@ -96,7 +96,10 @@ at::Tensor warp_forward_device(const Launcher& launch, const at::Tensor& image,
                                const at::Tensor& disp, c10::string_view mode,
                                c10::string_view padding) {
   const Geometry g = check_inputs("warp", image, disp, mode, padding, true);
-  at::Tensor out = at::empty({g.batch, g.channels, g.out_d, g.out_h, g.out_w}, image.options());
+  // The output takes the image's memory format, the gradients their input's, as on the CPU
+  // (the kernels read and write through strides).
+  at::Tensor out = at::empty({g.batch, g.channels, g.out_d, g.out_h, g.out_w},
+                             image.options().memory_format(image.suggest_memory_format()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "warp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch(out.numel() / g.channels, warp_forward_kernel<scalar_t, acc_t>, g,
@@ -118,15 +121,19 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_device(const Launcher& launch,
   check_grad_out("warp_backward", grad_out, g, image);
   const bool need_image = output_mask[0], need_disp = output_mask[1];
   at::Tensor grad_image = at::empty({0}, image.options());
-  at::Tensor grad_disp = need_disp ? at::empty({g.batch, 3, g.out_d, g.out_h, g.out_w}, disp.options())
-                                   : at::empty({0}, disp.options());
+  at::Tensor grad_disp =
+      need_disp ? at::empty({g.batch, 3, g.out_d, g.out_h, g.out_w},
+                            disp.options().memory_format(disp.suggest_memory_format()))
+                : at::empty({0}, disp.options());
   if (!need_image && !need_disp) return {grad_image, grad_disp};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "warp_backward",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // Half/bfloat16 images accumulate in a float32 buffer, cast once at the end.
-    at::Tensor acc = need_image ? at::zeros(image.sizes(), image.options().dtype(
-                                                               c10::CppTypeToScalarType<acc_t>::value))
+    // (same memory format as the image: `to` below keeps it)
+    at::Tensor acc = need_image ? at::zeros(image.sizes(), image.options()
+                                                               .dtype(c10::CppTypeToScalarType<acc_t>::value)
+                                                               .memory_format(image.suggest_memory_format()))
                                 : at::empty({0}, image.options());
     const Strides5 is = strides5(image);
     launch(g.batch * g.out_d * g.out_h * g.out_w, warp_backward_kernel<scalar_t, acc_t>, g,

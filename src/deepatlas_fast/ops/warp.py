@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import check_one_device, for_transforms, functorch_active, merge_batch_vmap, ops
+from ._library import check_one_device, empty_in_format_of, for_transforms, functorch_active, merge_batch_vmap, ops
 
 MODES = ("linear", "nearest")
 PADDINGS = ("zeros", "border")
@@ -26,12 +26,13 @@ def warp(image: torch.Tensor, disp: torch.Tensor, *, mode: str = "linear", paddi
     Returns:
         [B, C, D', H', W'], equal to VoxelMorph's SpatialTransformer and to
         ``grid_sample(image, normalise(identity + disp)[..., [2, 1, 0]], align_corners=True)``.
-        A non-finite displacement gives NaN at that voxel.
+        A non-finite displacement gives NaN at that voxel. In ``image``'s memory format
+        (channels_last_3d in, channels_last_3d out); the gradients take their input's.
 
     Gradients flow to both inputs (only to those that require them); torch.func transforms
-    (grad, vjp, jacrev, vmap) work too. CPU: float32/float64,
-    deterministic. CUDA: also float16/bfloat16 (float32 accumulation); the image gradient uses
-    atomics and is not bitwise deterministic.
+    (grad, vjp, jacrev, vmap) work too. float32, float64, float16 and bfloat16 (the last two
+    with float32 accumulation), any strides (read in place, no copy). CPU: deterministic.
+    CUDA: the image gradient uses atomics and is not bitwise deterministic.
 
     On the CPU, when autograd will differentiate a one-channel linear warp with respect to
     ``disp`` (registration training), the forward also computes d out / d location from the
@@ -102,7 +103,7 @@ def _warp_fake(image, disp, mode="linear", padding="zeros"):
     check_one_device("warp", image=image, disp=disp)
     torch._check(image.dim() == 5, lambda: "warp: image must be 5-D [B, C, D, H, W]")
     torch._check(disp.dim() == 5 and disp.shape[1] == 3, lambda: "warp: disp must be [B, 3, D, H, W]")
-    return image.new_empty(_out_shape(image, disp))
+    return empty_in_format_of(image, _out_shape(image, disp))
 
 
 @torch.library.register_fake("deepatlas_fast::warp_with_loc_grad")
@@ -110,20 +111,21 @@ def _warp_with_loc_grad_fake(image, disp, padding="zeros"):
     check_one_device("warp", image=image, disp=disp)
     torch._check(image.dim() == 5 and image.shape[1] == 1, lambda: "warp_with_loc_grad: image must be [B, 1, D, H, W]")
     torch._check(disp.dim() == 5 and disp.shape[1] == 3, lambda: "warp_with_loc_grad: disp must be [B, 3, D, H, W]")
-    return image.new_empty(_out_shape(image, disp)), disp.new_empty((disp.shape[0], 3, *disp.shape[2:]))
+    return (empty_in_format_of(image, _out_shape(image, disp)),
+            empty_in_format_of(disp, (disp.shape[0], 3, *disp.shape[2:]), image.dtype))
 
 
 @torch.library.register_fake("deepatlas_fast::warp_backward_with_loc_grad")
 def _warp_backward_with_loc_grad_fake(grad_out, image, disp, loc_grad, padding):
     check_one_device("warp_backward_with_loc_grad", image=image, disp=disp, grad_out=grad_out, loc_grad=loc_grad)
-    return image.new_empty(image.shape)
+    return empty_in_format_of(image, image.shape)
 
 
 @torch.library.register_fake("deepatlas_fast::warp_backward")
 def _warp_backward_fake(grad_out, image, disp, mode, padding, output_mask):
     check_one_device("warp_backward", image=image, disp=disp, grad_out=grad_out)
-    grad_image = image.new_empty(image.shape if output_mask[0] else (0,))
-    grad_disp = disp.new_empty((disp.shape[0], 3, *disp.shape[2:]) if output_mask[1] else (0,))
+    grad_image = empty_in_format_of(image, image.shape if output_mask[0] else (0,))
+    grad_disp = empty_in_format_of(disp, (disp.shape[0], 3, *disp.shape[2:]) if output_mask[1] else (0,))
     return grad_image, grad_disp
 
 
