@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import deepatlas_fast as da
 from _devices import DEVICES, assert_one_device
 from _simd import DICE_LEVELS
-from reference import soft_dice_reference
+from reference import soft_dice_reference, soft_dice_sums_reference
 
 
 
@@ -111,6 +111,113 @@ def test_forward_backward_match_reference(case):
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-10, atol=1e-12)
     if not labels:
         torch.testing.assert_close(ours[1], theirs[1], rtol=1e-10, atol=1e-12)
+
+
+# rtol of float16/bfloat16 results against the float64 reference evaluated on the same rounded
+# inputs: the kernel computes in float32 (chunk sums added in float64) and rounds each result
+# to the dtype once, half an ulp (2^-8 of the value for bfloat16's 8 significant bits, 2^-11
+# for float16's 11). atol: float32 rounding where a logit gradient cancels to near 0. Sums in
+# the dtype itself would stop growing once they reach 2^8 (bfloat16) times the addend.
+REDUCED_RTOL = {torch.bfloat16: 2 ** -8 + 1e-5, torch.float16: 2 ** -11 + 1e-5}
+
+
+@given(dice_case(), st.sampled_from([torch.bfloat16, torch.float16]))
+def test_reduced_precision_matches_the_reference_on_the_rounded_inputs(case, dtype):
+    """The sums op and its gradients, for any classes and spatial dims, labels or
+    probabilities, with and without the fused softmax."""
+    b, c, spatial, labels, from_logits = case
+    logits, target = inputs(b, c, spatial, labels, dtype=torch.float32)
+    probs = (logits if from_logits else logits.softmax(1)).to(dtype)
+    target = target if labels else target.to(dtype)
+    op = lambda p, t: torch.ops.deepatlas_fast.soft_dice_sums(p, t, from_logits)  # noqa: E731
+    ref = lambda p, t: soft_dice_sums_reference(p, t, from_logits)  # noqa: E731
+    as64 = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
+    sums = op(probs, target)
+    assert sums.dtype == dtype
+    rtol = REDUCED_RTOL[dtype]
+    torch.testing.assert_close(sums.double(), ref(probs.double(), as64(target)), rtol=rtol, atol=1e-5)
+    g = torch.randn(b, c, 3).to(dtype)
+    ours = grads(op, probs, target, g)
+    theirs = grads(ref, probs.double(), as64(target), g.double())
+    for o, r in zip(ours, theirs):
+        if r is not None:
+            assert o.dtype == dtype
+            torch.testing.assert_close(o.double(), r, rtol=rtol, atol=1e-5)
+
+
+def relayout(t, layout):
+    """t's values in another memory layout."""
+    if layout == "channels_last":  # class-minor
+        return t.contiguous(memory_format=torch.channels_last_3d if t.dim() == 5 else torch.channels_last)
+    if layout == "sliced":  # every other element of a wider tensor along the last dim
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if layout == "spatial_sliced":  # every other element along the first spatial dim
+        wide = torch.zeros(*t.shape[:2], 2 * t.shape[2], *t.shape[3:], dtype=t.dtype)
+        wide[:, :, ::2] = t
+        return wide[:, :, ::2]
+    if layout == "class_sliced":  # every other class of a tensor with twice as many
+        wide = torch.zeros(t.shape[0], 2 * t.shape[1], *t.shape[2:], dtype=t.dtype)
+        wide[:, ::2] = t
+        return wide[:, ::2]
+    return t.transpose(2, -1).contiguous().transpose(2, -1)  # "permuted"
+
+
+@pytest.mark.parametrize("spatial", [(5, 6, 7), (9, 300)])  # channels_last_3d, channels_last
+@pytest.mark.parametrize("layout", ["channels_last", "class_sliced", "sliced", "spatial_sliced", "permuted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_layouts_give_the_contiguous_bits(layout, dtype, spatial, volume_copies):
+    """Channels-last (class-minor) probabilities and every layout whose spatial dims form one
+    axis of voxels (a slice of the classes, a step along the last dim) are read through their
+    strides, with the same bits as contiguous inputs (the same arithmetic in the same order, on
+    the AVX2 path too); other layouts (a slice along an outer spatial dim, a permutation of the
+    spatial dims) are copied once, contiguous. Each gradient takes its input's memory format."""
+    ops = torch.ops.deepatlas_fast
+    fmt = {"channels_last": torch.channels_last_3d if len(spatial) == 3 else torch.channels_last,
+           "permuted": torch.contiguous_format}.get(layout, torch.contiguous_format)
+    copied = layout in ("spatial_sliced", "permuted")
+    for labels in (True, False):
+        logits, target = inputs(2, 4, spatial, labels, dtype=torch.float32)
+        logits = logits.to(dtype)
+        target = target if labels else target.to(dtype)
+        logits_l, target_l = relayout(logits, layout), relayout(target, layout) if not labels else target
+        g = torch.randn(2, 4, 3).to(dtype)
+        for from_logits in (True, False):
+            assert torch.equal(ops.soft_dice_sums(logits_l, target_l, from_logits),
+                               ops.soft_dice_sums(logits, target, from_logits))
+            ours = ops.soft_dice_sums_backward(g, logits_l, target_l, from_logits, [True, True])
+            theirs = ops.soft_dice_sums_backward(g, logits, target, from_logits, [True, True])
+            for o, t in zip(ours, theirs):
+                assert torch.equal(o, t) and (o.numel() == 0 or o.is_contiguous(memory_format=fmt))
+        if dtype == torch.float32:
+            def run():
+                ops.soft_dice_sums(logits_l, target_l, True)
+                ops.soft_dice_sums_backward(g, logits_l, target_l, True, [True, True])
+            copies = volume_copies(run, logits.shape)
+            assert (copies != []) == copied, copies
+    # label maps in any layout (their one class: a channels-last map is contiguous)
+    logits, target = inputs(2, 4, spatial, True, dtype=torch.float32)
+    assert torch.equal(ops.soft_dice_sums(logits, relayout(target, layout), True), ops.soft_dice_sums(logits, target, True))
+
+
+def test_opcheck_reduced_precision_and_channels_last():
+    """The fake kernels give the real kernels' dtypes and strides (opcheck compares them)."""
+    cl = torch.channels_last_3d
+    for labels in (True, False):
+        logits, target = inputs(2, 3, (4, 5, 6), labels, dtype=torch.float32)
+        pairs = [(logits.bfloat16(), target if labels else target.bfloat16()),
+                 (logits.half(), target if labels else target.half()),
+                 (logits.contiguous(memory_format=cl), target.contiguous(memory_format=cl)),
+                 (logits, target.contiguous(memory_format=cl)),
+                 (logits.contiguous(memory_format=cl).bfloat16(), target if labels else target.bfloat16())]
+        for p, t in pairs:
+            for requires_grad in (True, False):
+                args = (p.clone().requires_grad_(requires_grad),
+                        t.clone().requires_grad_(requires_grad and not labels))
+                torch.library.opcheck(torch.ops.deepatlas_fast.soft_dice_sums.default, (*args, True))
+            torch.library.opcheck(torch.ops.deepatlas_fast.soft_dice_sums_backward.default,
+                                  (torch.randn(2, 3, 3, dtype=p.dtype), p, t, False, [True, True]))
 
 
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])

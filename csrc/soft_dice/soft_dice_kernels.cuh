@@ -205,6 +205,10 @@ std::tuple<at::Tensor, at::Tensor> soft_dice_sums_backward_device(
              need_t ? grad_t.mutable_data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
     });
   });
+  // The kernels write contiguous gradients; as on the CPU, each takes its input's memory format
+  // (a copy for a channels-last input).
+  if (need_p) grad_p = grad_p.contiguous(probs_in.suggest_memory_format());
+  if (need_t) grad_t = grad_t.contiguous(target_in.suggest_memory_format());
   return {grad_p, grad_t};
 }
 

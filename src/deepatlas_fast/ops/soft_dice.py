@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import check_one_device, for_transforms, functorch_active, merge_batch_vmap, ops
+from ._library import check_one_device, empty_in_format_of, for_transforms, functorch_active, merge_batch_vmap, ops
 
 
 def soft_dice(probs: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-6, from_logits: bool = False) -> torch.Tensor:
@@ -22,9 +22,11 @@ def soft_dice(probs: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-6, f
             gradients (the anatomy loss of DeepAtlas, where both sides come from networks).
         eps: smoothing of numerator and denominator.
 
-    Memory: no [B, C, ...] temporary (no one-hot, no stored softmax). CPU: float32/float64,
-    deterministic for any thread count. CUDA: also float16/bfloat16 with float32 sums; integer
-    labels are range-checked on the host (one sync in forward).
+    Memory: no [B, C, ...] temporary (no one-hot, no stored softmax). float32, float64,
+    float16 and bfloat16 (float32 sums); the gradients take their input's memory format.
+    CPU: deterministic for any thread count; channels-last (and any layout whose spatial dims
+    form one axis) read in place, other layouts copied once. CUDA: integer labels are
+    range-checked on the host (one sync in forward).
     """
     if functorch_active():  # torch.func transforms need setup_context (see for_transforms)
         sums = _SumsForTransforms.apply(probs, target, bool(from_logits))
@@ -45,8 +47,8 @@ def _sums_fake(probs, target, from_logits=False):
 def _sums_backward_fake(grad_sums, probs, target, from_logits, output_mask):
     check_one_device("soft_dice_backward", probs=probs, target=target, grad_sums=grad_sums)
     need_t = output_mask[1] and target.is_floating_point()
-    return (probs.new_empty(probs.shape if output_mask[0] else (0,)),
-            probs.new_empty(target.shape if need_t else (0,)))
+    return (empty_in_format_of(probs, probs.shape if output_mask[0] else (0,)),
+            empty_in_format_of(target, target.shape if need_t else (0,), probs.dtype))
 
 
 def _setup_context(ctx, inputs, output):
