@@ -344,3 +344,15 @@ def test_cuda_reduced_precision_under_emulator(dtype, emulated):
     ra, rb = grads(lambda x, y: lncc_reference(x, y, 5), a.double(), b.double(), g.double())
     scale = ra.abs().max()
     torch.testing.assert_close(ga.double() / scale, ra / scale, rtol=0, atol=tol * 5)
+
+
+def test_cuda_launchers_keep_memory_formats_under_emulator(emulated):
+    """The CUDA launchers give each gradient its input's memory format, as the CPU kernel (and
+    the fake kernel) does."""
+    a, b = pair((2, 2, 5, 6, 7))
+    a = a.contiguous(memory_format=torch.channels_last_3d)
+    g = torch.randn(2, dtype=torch.float64)
+    emu = emulated.lncc_backward(g, a, b, 5, 1e-5, [True, True], 32, 4)
+    for e, c in zip(emu, torch.ops.deepatlas_fast.lncc_backward(g, a, b, 5, 1e-5, [True, True])):
+        assert e.stride() == c.stride()
+        torch.testing.assert_close(e, c, rtol=1e-10, atol=1e-12)

@@ -486,3 +486,16 @@ def test_cuda_reduced_precision_under_emulator(dtype, emulated):
     dice = (2 * sums[..., 0].double() + 1e-6) / (sums[..., 1].double() + sums[..., 2].double() + 1e-6)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(dice, ref, rtol=tol, atol=tol)
+
+
+def test_cuda_launchers_keep_memory_formats_under_emulator(emulated):
+    """The CUDA launchers give each gradient its input's memory format, as the CPU kernel (and
+    the fake kernel) does."""
+    logits, target = inputs(2, 3, (5, 6, 7), False)
+    logits = logits.contiguous(memory_format=torch.channels_last_3d)
+    g = torch.randn(2, 3, 3, dtype=torch.float64)
+    emu = emulated.soft_dice_sums_backward(g, logits, target, True, [True, True], 32, 3)
+    cpu = torch.ops.deepatlas_fast.soft_dice_sums_backward(g, logits, target, True, [True, True])
+    for e, c in zip(emu, cpu):
+        assert e.stride() == c.stride()
+        torch.testing.assert_close(e, c, rtol=1e-12, atol=1e-14)

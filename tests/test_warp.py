@@ -419,6 +419,22 @@ def test_cuda_half_precision_kernels_under_emulator(dtype, emulated):
     torch.testing.assert_close(gi.double(), ri, rtol=tol, atol=tol)
 
 
+def test_cuda_launchers_keep_memory_formats_under_emulator(emulated):
+    """The CUDA launchers give the CPU kernels' (and the fake kernels') strides: the output in
+    the image's memory format, each gradient in its input's."""
+    ops = torch.ops.deepatlas_fast
+    image, disp = random_inputs(2, 3, (5, 6, 7), (4, 5, 6), 2.0)
+    cl = torch.channels_last_3d
+    for i, d in [(image.contiguous(memory_format=cl), disp), (image, disp.contiguous(memory_format=cl))]:
+        out = emulated.warp(i, d, "linear", "zeros", 32, 3)
+        assert out.stride() == ops.warp(i, d, "linear", "zeros").stride()
+        g = torch.randn_like(out)
+        emu = emulated.warp_backward(g, i, d, "linear", "zeros", [True, True], 32, 3)
+        for e, c in zip(emu, ops.warp_backward(g, i, d, "linear", "zeros", [True, True])):
+            assert e.stride() == c.stride()
+            torch.testing.assert_close(e, c, rtol=1e-11, atol=1e-11)
+
+
 # ---- CPU fast paths: AVX2 rows and the slab schedule of the image gradient ---------------
 
 def smooth_disp(b, shape, magnitude, dtype=torch.float64, seed=0):

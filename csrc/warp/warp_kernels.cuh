@@ -130,10 +130,10 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_device(const Launcher& launch,
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // Half/bfloat16 images accumulate in a float32 buffer, cast once at the end.
-    // (same memory format as the image: `to` below keeps it)
-    at::Tensor acc = need_image ? at::zeros(image.sizes(), image.options()
-                                                               .dtype(c10::CppTypeToScalarType<acc_t>::value)
-                                                               .memory_format(image.suggest_memory_format()))
+    // (same memory format as the image: `to` below keeps it; at::zeros takes no memory format)
+    at::Tensor acc = need_image ? at::empty(image.sizes(), image.options().dtype(c10::CppTypeToScalarType<acc_t>::value),
+                                            image.suggest_memory_format())
+                                      .zero_()
                                 : at::empty({0}, image.options());
     const Strides5 is = strides5(image);
     launch(g.batch * g.out_d * g.out_h * g.out_w, warp_backward_kernel<scalar_t, acc_t>, g,
