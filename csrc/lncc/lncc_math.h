@@ -19,7 +19,8 @@ constexpr int kMoments = 5;
 constexpr int kMaxWindow = 15;
 constexpr int kMaxRadius = kMaxWindow / 2;
 
-// Contiguous volume [B, C, D, H, W]; r = window / 2.
+// Sizes of a volume [B, C, D, H, W] (the CUDA kernels read it contiguous, the CPU through its
+// strides); r = window / 2.
 struct Geometry {
   int64_t batch, channels, d, h, w;
   int64_t window, r;
