@@ -1,8 +1,10 @@
 """Networks: shapes, near-identity start, diffeomorphic integration, configuration errors."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from deepatlas_fast import warp
+from deepatlas_fast.nn import nets
 from deepatlas_fast.nn.nets import RegNet, SegNet, build_nets, integrate_velocity
 from deepatlas_fast.training.config import default_config
 
@@ -96,3 +98,62 @@ def test_channels_last_gives_the_same_outputs_and_gradients(kind):
         torch.testing.assert_close(pb.grad, pa.grad, msg=name)
     b.use_channels_last(False)
     assert not b.channels_last and all(p.is_contiguous() for p in b.parameters())
+
+
+# ---- slab convolutions (nets.Conv3d): a batch-1 volume goes to oneDNN as two D slabs
+
+@settings(max_examples=12, deadline=None)
+@given(d=st.integers(8, 21), h=st.integers(2, 9), w=st.integers(2, 9), cin=st.integers(1, 4),
+       stride=st.sampled_from([1, 2]), channels_last=st.booleans(), bias=st.booleans())
+def test_slab_conv_equals_conv3d_against_float64(d, h, w, cin, stride, channels_last, bias):
+    torch.manual_seed(d * 100 + h * 10 + w)
+    conv = nets.Conv3d(cin, 5, 3, stride=stride, padding=1, bias=bias)
+    x = torch.randn(1, cin, d, h, w)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last_3d), x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+    batches = []
+    conv3d = torch.nn.functional.conv3d
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nets.F, "conv3d", lambda inp, *a: batches.append(inp.shape[0]) or conv3d(inp, *a))
+        y = conv(x)
+    assert batches == [2]  # the slab path was taken (small volume, batch 1, float32)
+    g = torch.randn_like(y)
+    y.backward(g)
+    # float64 reference: the plain convolution, its gradients by autograd
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = conv.weight.detach().double().requires_grad_(True)
+    b64 = None if conv.bias is None else conv.bias.detach().double().requires_grad_(True)
+    ref = conv3d(x64, w64, b64, stride, 1)
+    ref.backward(g.double())
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+    if bias:
+        torch.testing.assert_close(conv.bias.grad.double(), b64.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["batch 2", "float64", "large", "off"])
+def test_slab_conv_only_where_pytorch_would_take_its_native_kernel(case, monkeypatch):
+    conv = nets.Conv3d(2, 4, 3, padding=1)
+    x = {"batch 2": torch.randn(2, 2, 8, 8, 8), "float64": torch.randn(1, 2, 8, 8, 8, dtype=torch.float64),
+         "large": torch.randn(1, 2, 104, 104, 4), "off": torch.randn(1, 2, 8, 8, 8)}[case]
+    conv = conv.to(x.dtype)
+    conv.slabs = case != "off"
+    seen = []
+    conv3d = torch.nn.functional.conv3d
+    monkeypatch.setattr(nets.F, "conv3d", lambda inp, *a: seen.append(inp.shape) or conv3d(inp, *a))
+    conv(x)
+    assert seen == [x.shape]  # nn.Conv3d's own call (large: 2 x 104 x 104 is above the limit)
+
+
+def test_nets_trace_without_slabs():
+    """Traced graphs (ONNX export) keep the plain convolution: the slabs are an eager CPU choice."""
+    net = RegNet([4, 8, 8], [8, 8, 8])
+    m = torch.rand(1, 1, 16, 8, 8)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, (m, m))
+    assert "aten::pad" not in str(traced.graph) and "constant_pad_nd" not in str(traced.graph)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(m, m), net(m, m), rtol=1e-5, atol=1e-6)

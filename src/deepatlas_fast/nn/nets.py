@@ -32,8 +32,48 @@ class _ChannelsLast:
         return x.contiguous() if self.channels_last else x
 
 
+# PyTorch's CPU convolution takes oneDNN for float32 only when the batch is > 1 or
+# batch x channels x D x H exceeds this; below it, its native kernel, several times slower for a
+# batch of 1 (the first layer of both nets at 2 mm, the coarse levels of F_R) (ConvParams::
+# use_mkldnn in ATen's Convolution.cpp).
+_NATIVE_CONV_LIMIT = 20480
+
+
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d (3x3x3, padding 1) that hands a batch of one volume to oneDNN on the CPU where
+    PyTorch would take its slow native kernel: the volume goes in as two overlapping slabs
+    along D (a batch of two: the output rows of each half plus a one-row halo), and the halves
+    of the output are joined. The same sums, so the same result to float32 rounding, gradients
+    included (autograd runs through the pad, slices and cats). ``slabs = False`` turns it off."""
+
+    slabs = True
+
+    def _conv_forward(self, x, weight, bias):
+        if not (self.slabs and _slabs_pay(x, self)):
+            return super()._conv_forward(x, weight, bias)
+        s = self.stride[0]
+        d_out = (x.shape[2] - 1) // s + 1
+        half = (d_out + 1) // 2  # output rows per slab; they overlap by one when d_out is odd
+        rows = (half - 1) * s + 3  # padded input rows a slab reads
+        start = (d_out - half) * s
+        xp = F.pad(x, (0, 0, 0, 0, 1, 1))  # D's zero padding, explicit: the slabs are cut from it
+        y = F.conv3d(torch.cat([xp[:, :, :rows], xp[:, :, start:start + rows]]), weight, bias, self.stride,
+                     (0, 1, 1))
+        return torch.cat([y[:1], y[1:, :, 2 * half - d_out:]], 2)
+
+
+def _slabs_pay(x, conv) -> bool:
+    return (x.dim() == 5 and x.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32
+            and conv.kernel_size == (3, 3, 3) and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1)
+            and conv.groups == 1 and conv.stride[0] == conv.stride[1] == conv.stride[2]
+            and x.shape[1] * x.shape[2] * x.shape[3] <= _NATIVE_CONV_LIMIT and x.shape[2] >= 8
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+            and not torch.compiler.is_compiling())
+
+
 def _conv(cin, cout, stride=1):
-    conv = nn.Conv3d(cin, cout, 3, stride=stride, padding=1)
+    conv = Conv3d(cin, cout, 3, stride=stride, padding=1)
     # He init (as VoxelMorph's Keras code): PyTorch's default shrinks activations ~3x per layer,
     # which leaves the flow head almost no signal and makes training start very slowly
     nn.init.kaiming_normal_(conv.weight, a=0.2, nonlinearity="leaky_relu")
@@ -69,7 +109,7 @@ class RegNet(_ChannelsLast, nn.Module):
         for i in range(1, self.levels + 1):
             self.dec.append(_conv(dec[i - 1] + enc[self.levels - i], dec[i]))
         self.extra = nn.ModuleList([_conv(dec[i - 1], dec[i]) for i in range(self.levels + 1, len(dec))])
-        self.flow = nn.Conv3d(dec[-1], 3, 3, padding=1)
+        self.flow = Conv3d(dec[-1], 3, 3, padding=1)
         nn.init.normal_(self.flow.weight, 0.0, 1e-5)
         nn.init.zeros_(self.flow.bias)
 
@@ -85,7 +125,7 @@ class RegNet(_ChannelsLast, nn.Module):
             x = layer(torch.cat([x, skips.pop()], 1))
         for layer in self.extra:
             x = layer(x)
-        flow = self._out(self.flow(x))
+        flow = self._out(self.flow(x)).float()  # float32 under bf16 autocast too (nn/precision.py)
         if self.diffeomorphic:
             flow = integrate_velocity(flow, self.int_steps)
         return flow
@@ -112,8 +152,8 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 class _Block(nn.Sequential):
     def __init__(self, cin, cout, norm):
-        super().__init__(nn.Conv3d(cin, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.LeakyReLU(0.01),
-                         nn.Conv3d(cout, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.LeakyReLU(0.01))
+        super().__init__(Conv3d(cin, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.LeakyReLU(0.01),
+                         Conv3d(cout, cout, 3, padding=1, bias=False), _norm(norm, cout), nn.LeakyReLU(0.01))
 
 
 class SegNet(_ChannelsLast, nn.Module):
@@ -163,7 +203,7 @@ class SegNet(_ChannelsLast, nn.Module):
         skips.pop()
         for up, block in zip(self.up, self.dec):
             x = block(torch.cat([up(x), skips.pop()], 1))
-        return self._out(self.head(x))
+        return self._out(self.head(x)).float()  # float32 under bf16 autocast too (nn/precision.py)
 
 
 def build_nets(model_cfg: dict, num_classes: int):

@@ -71,6 +71,7 @@ from ..data.io import LabelTable
 from ..data.augment import Augmenter, lr_axis_of, match_class_intensities
 from ..nn.losses import dice_loss, gradient_l2, lncc_loss, ncc_loss, one_hot, segmentation_loss
 from ..nn.nets import build_nets
+from ..nn.precision import autocast
 from ..ops import warp
 from ..data.preprocess import Preprocessing
 
@@ -324,12 +325,13 @@ class Trainer:
             for k, net in self.nets.items():  # the frozen net runs in eval mode (BatchNorm stats fixed)
                 net.train(k == name)
             gen = _step_generator(cfg["seed"], stage, step)
-            if stage == "seg":
-                loss, logs = self.seg_pretrain_step(models[name], gen)
-            elif name == "reg":
-                loss, logs = self.reg_step(models[name], gen, use_seg=stage in ("semi-da", "da"))
-            else:
-                loss, logs = self.seg_step(models[name], gen)
+            with autocast(t["precision"], self.device):  # the backward runs outside, as autocast wants
+                if stage == "seg":
+                    loss, logs = self.seg_pretrain_step(models[name], gen)
+                elif name == "reg":
+                    loss, logs = self.reg_step(models[name], gen, use_seg=stage in ("semi-da", "da"))
+                else:
+                    loss, logs = self.seg_step(models[name], gen)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{stage} step {step}: loss is {loss.item()}; lower train.lr or check the data")
             opts[name].zero_grad(set_to_none=True)
