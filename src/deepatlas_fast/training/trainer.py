@@ -186,11 +186,14 @@ class Trainer:
         loss = li + lo["lambda_r"] * lr
         logs = {"L_i": li.item(), "L_r": lr.item()}
         if lo["lambda_a"] > 0:
-            sm, st = self._seg_maps(m, lm, use_seg), self._seg_maps(t, lt, use_seg)
+            gamma = lo["anatomy_confidence"]
+            scaled = gamma > 0 and (lm is None or lt is None)
+            # manual target labels go to the Dice as integers (soft_dice reads them as one-hot)
+            sm = self._seg_maps(m, lm, use_seg)
+            st = lt if lt is not None and not scaled else self._seg_maps(t, lt, use_seg)
             if sm is not None and st is not None:
                 wm = warp(sm, disp)
-                gamma = lo["anatomy_confidence"]
-                if gamma > 0 and (lm is None or lt is None):
+                if scaled:
                     # trust F_S where it is sure: both maps scaled by the confidence of the
                     # unlabelled side(s), on the target grid
                     with torch.no_grad():
