@@ -1,4 +1,4 @@
-"""python -m benchmarks [--only warp,lncc,dice,refine,onnx] [--shape 160 192 224] [--repeat 5]
+"""python -m benchmarks [--only warp,lncc,dice,refine,step,onnx] [--shape 160 192 224] [--repeat 5]
                         [--no-memory] [--json results.json] [--markdown docs/performance.md]
 
 Prints one Markdown table per benchmark module, ratios measured in the same run; --markdown
@@ -13,7 +13,8 @@ import torch
 
 from benchmarks import common
 
-MODULES = {"warp": "bench_warp", "lncc": "bench_lncc", "dice": "bench_dice", "refine": "bench_refine", "onnx": "bench_onnx"}
+MODULES = {"warp": "bench_warp", "lncc": "bench_lncc", "dice": "bench_dice", "refine": "bench_refine", "step": "bench_step",
+           "onnx": "bench_onnx"}
 
 
 def main(argv=None) -> int:

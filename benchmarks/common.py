@@ -241,6 +241,13 @@ SECTIONS = {
                    "`LocalNormalizedCrossCorrelationLoss(kernel_type=\"rectangular\")` and VoxelMorph's "
                    "conv3d NCC (re-written in `benchmarks/bench_lncc.py`)."),
     "bench_refine": ("Refinement", "Test-time refinement (`deepatlas_fast.training.refine.refine`, one level at the full grid, 3 Adam iterations per call) against the same loop written with VoxelMorph's `grid_sample` transformer and MONAI's LNCC (re-written in `benchmarks/bench_refine.py`): 1 - LNCC(window 5) + 3 x grad-L2; *diffeomorphic*: the correction exp(v) by 7 squarings, composed with a start field."),
+    "bench_step": ("Training steps", "One DeepAtlas registration step and one segmentation step (forward, "
+                   "losses, backward, Adam step; default nets, 28 classes, batch 1) against the same nets "
+                   "with VoxelMorph's `grid_sample` transformer, MONAI's LNCC and Dice losses and torch's "
+                   "cross-entropy in PyTorch's default memory format; beside them, our step with PyTorch's "
+                   "own choice of convolution kernel (no slab convolutions) and our step under bf16 "
+                   "autocast (`train.precision: bf16`); then each part of a step timed alone (see "
+                   "`benchmarks/bench_step.py`). Peak memory for the whole steps only."),
     "bench_onnx": ("ONNX Runtime vs PyTorch eager", "The exported models (see [deployment](deployment.md)) in "
                    "ONNX Runtime's CPU provider against the same graphs in PyTorch eager: default-width nets, "
                    "random weights, 28 classes, batch 1, inference mode, as many ORT intra-op threads as "
@@ -383,7 +390,8 @@ def markdown_page(rows: list[dict], env: dict, notes: str = "") -> str:
         if main:
             shape = "x".join(map(str, main[0].get("shape", [])))
             where = f"{grid} ({shape})" if grid else shape
-            lines += ([""] if lines[-1] else []) + [f"### {where}, float32, batch 1", "",
+            dtype = "float32 unless a row says bf16" if module == "bench_step" else "float32"
+            lines += ([""] if lines[-1] else []) + [f"### {where}, {dtype}, batch 1", "",
                                                     format_table(main, groups_of(main))]
             if not any("peak_extra_mib" in r for r in main) and module != "bench_onnx":
                 lines += ["", "Peak memory not measured in this run (`--no-memory`)."]

@@ -1,8 +1,10 @@
 """Networks: shapes, near-identity start, diffeomorphic integration, configuration errors."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from deepatlas_fast import warp
+from deepatlas_fast.nn import nets
 from deepatlas_fast.nn.nets import RegNet, SegNet, build_nets, integrate_velocity
 from deepatlas_fast.training.config import default_config
 
@@ -96,3 +98,117 @@ def test_channels_last_gives_the_same_outputs_and_gradients(kind):
         torch.testing.assert_close(pb.grad, pa.grad, msg=name)
     b.use_channels_last(False)
     assert not b.channels_last and all(p.is_contiguous() for p in b.parameters())
+
+
+# ---- slab convolutions (nets.Conv3d): a batch-1 volume goes to oneDNN as two D slabs
+
+@settings(max_examples=12, deadline=None)
+@given(d=st.integers(8, 21), h=st.integers(2, 9), w=st.integers(2, 9), cin=st.integers(1, 4),
+       stride=st.sampled_from([1, 2]), channels_last=st.booleans(), bias=st.booleans())
+def test_slab_conv_equals_conv3d_against_float64(d, h, w, cin, stride, channels_last, bias):
+    torch.manual_seed(d * 100 + h * 10 + w)
+    conv = nets.Conv3d(cin, 5, 3, stride=stride, padding=1, bias=bias)
+    x = torch.randn(1, cin, d, h, w)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last_3d), x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+    calls = []
+    apply = nets._SlabConv.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nets._SlabConv, "apply", lambda *a: calls.append(1) or apply(*a))
+        y = conv(x)
+    assert calls == [1]  # the slab path was taken (small volume, batch 1, float32)
+    # the layout oneDNN keeps (with one input channel the two layouts are the same tensor)
+    cl = channels_last and cin > 1
+    assert y.is_contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+    conv3d = torch.nn.functional.conv3d
+    g = torch.randn_like(y)
+    y.backward(g)
+    # float64 reference: the plain convolution, its gradients by autograd
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = conv.weight.detach().double().requires_grad_(True)
+    b64 = None if conv.bias is None else conv.bias.detach().double().requires_grad_(True)
+    ref = conv3d(x64, w64, b64, stride, 1)
+    ref.backward(g.double())
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+    if bias:
+        torch.testing.assert_close(conv.bias.grad.double(), b64.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["batch 2", "float64", "large", "off"])
+def test_slab_conv_only_where_pytorch_would_take_its_native_kernel(case, monkeypatch):
+    conv = nets.Conv3d(2, 4, 3, padding=1)
+    x = {"batch 2": torch.randn(2, 2, 8, 8, 8), "float64": torch.randn(1, 2, 8, 8, 8, dtype=torch.float64),
+         "large": torch.randn(1, 2, 104, 104, 4), "off": torch.randn(1, 2, 8, 8, 8)}[case]
+    conv = conv.to(x.dtype)
+    conv.slabs = case != "off"
+    calls = []
+    apply = nets._SlabConv.apply
+    monkeypatch.setattr(nets._SlabConv, "apply", lambda *a: calls.append(1) or apply(*a))
+    y = conv(x)
+    assert calls == []  # nn.Conv3d's own call (large: 2 x 104 x 104 is above the limit)
+    torch.testing.assert_close(y, torch.nn.functional.conv3d(x, conv.weight, conv.bias, 1, 1))
+
+
+def test_nets_trace_without_slabs():
+    """Traced graphs (ONNX export) keep the plain convolution: the slabs are an eager CPU choice."""
+    net = RegNet([4, 8, 8], [8, 8, 8])
+    m = torch.rand(1, 1, 16, 8, 8)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, (m, m))
+    assert "aten::pad" not in str(traced.graph) and "constant_pad_nd" not in str(traced.graph)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(m, m), net(m, m), rtol=1e-5, atol=1e-6)
+
+
+# ---- channels-last batch norm (nets.BatchNorm3d)
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 2), c=st.integers(1, 9), d=st.integers(1, 7), h=st.integers(1, 7), w=st.integers(2, 7),
+       offset=st.floats(-50, 50), spread=st.floats(0.01, 20))
+def test_channels_last_batch_norm_against_float64(n, c, d, h, w, offset, spread):
+    torch.manual_seed(c * 7 + d)
+    bn = nets.BatchNorm3d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    x = (torch.randn(n, c, d, h, w) * spread + offset).contiguous(memory_format=torch.channels_last_3d)
+    if x.is_contiguous():  # (one channel or one voxel: the layouts coincide; nn.BatchNorm3d's path)
+        return
+    x.requires_grad_(True)
+    ref = {k: v.double().clone() for k, v in bn.state_dict().items()}
+    y = bn(x)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    g = torch.randn_like(y)
+    y.backward(g)
+    x64 = x.detach().double().requires_grad_(True)
+    w64, b64 = ref["weight"].requires_grad_(True), ref["bias"].requires_grad_(True)
+    rm, rv = ref["running_mean"], ref["running_var"]
+    y64 = torch.nn.functional.batch_norm(x64, rm, rv, w64, b64, training=True, momentum=bn.momentum, eps=bn.eps)
+    y64.backward(g.double())
+    scale = 1 + spread  # gradients with respect to x scale as 1 / spread
+    torch.testing.assert_close(y.double(), y64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.double() * spread, x64.grad * spread, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(bn.weight.grad.double(), w64.grad, rtol=1e-3, atol=1e-3 * scale)
+    torch.testing.assert_close(bn.bias.grad.double(), b64.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(bn.running_mean.double(), rm, rtol=1e-5, atol=1e-5 * (1 + abs(offset)))
+    torch.testing.assert_close(bn.running_var.double(), rv, rtol=1e-4, atol=1e-5)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_channels_last_batch_norm_is_taken_and_eval_is_unchanged():
+    bn = nets.BatchNorm3d(4)
+    x = torch.randn(1, 4, 6, 6, 6).contiguous(memory_format=torch.channels_last_3d)
+    calls = []
+    apply = nets._ChannelsLastBatchNorm.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nets._ChannelsLastBatchNorm, "apply", lambda *a: calls.append(1) or apply(*a))
+        bn(x)
+        bn(x.contiguous())  # contiguous: nn.BatchNorm3d's kernel
+        bn.eval()
+        y = bn(x)
+    assert calls == [1]
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))

@@ -221,6 +221,8 @@ def test_config_files_overrides_and_errors(tmp_path):
     ("loss.lambda_sp=-.inf", "loss.lambda_sp must be a finite number >= 0"),
     ("loss.lambda_ce=inf", "loss.lambda_ce must be a finite number >= 0"),
     ("loss.anatomy_confidence=.nan", "loss.anatomy_confidence must be a finite number >= 0"),
+    ("train.precision=fp16", "train.precision must be one of fp32, bf16, got 'fp16'"),
+    ("train.precision=32", "train.precision must be one of fp32, bf16"),
 ])
 def test_bad_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -231,3 +233,37 @@ def test_zero_and_edge_values_are_valid():
     cfg = load_config(None, ["train.checkpoint_keep=0", "train.val_every=0", "train.val_pairs=0", "loss.window=15"])
     assert (cfg["train"]["checkpoint_keep"], cfg["train"]["val_every"], cfg["train"]["val_pairs"]) == (0, 0, 0)
     assert load_config(None, ["loss.window=3"])["loss"]["window"] == 3
+
+
+@pytest.mark.parametrize("stage", ["seg", "reg"])
+def test_bf16_training_runs_in_bf16_is_finite_and_its_loss_falls(tmp_path, stage):
+    steps = 60
+    tr = _trainer(tmp_path, ["train.precision=bf16", f"train.steps.{stage}={steps}", "train.checkpoint_every=1000",
+                             "train.lr=3e-3"])
+    _only(tr, "LL")  # registration: one kind of pair, so that the loss terms stay comparable
+    net = tr.nets[stage]
+    first_conv = net.enc[0][0] if stage == "reg" else net.down[0][0]
+    dtypes, out_dtypes = [], []
+    first_conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    net.register_forward_hook(lambda m, i, o: out_dtypes.append(o.dtype))
+    tr.plan = [stage]
+    tr.run_stage(stage, 0)
+    assert set(dtypes) == {torch.bfloat16}  # the convolutions ran in bf16 ...
+    assert set(out_dtypes) == {torch.float32}  # ... and the net's output is float32
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["L_sp" if stage == "seg" else "L_i"] for r in recs]
+    assert len(losses) == steps and all(0 <= v < 10 for v in losses)
+    assert sum(losses[-10:]) < 0.95 * sum(losses[:10])
+
+
+def test_bf16_step_loss_matches_fp32_to_bf16_rounding(tmp_path):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        tr = _trainer(tmp_path / precision, [f"train.precision={precision}"])
+        _only(tr, "LL")
+        from deepatlas_fast.nn.precision import autocast
+        with autocast(precision, "cpu"):
+            losses[precision] = tr.reg_step(tr.nets["reg"], torch.Generator().manual_seed(0), use_seg=False)[1]
+    for k in ("L_i", "L_r", "L_a"):
+        assert losses["bf16"][k] == pytest.approx(losses["fp32"][k], rel=3e-2, abs=1e-4), k
+    assert losses["bf16"] != losses["fp32"]  # bf16 did change something

@@ -172,12 +172,15 @@ def _fmt_p(p):
 
 
 def run_demo(out_dir="deepatlas_demo", *, preset: str = "full", split: str = "test", seeds=None,
-             update_docs=(), progress: bool = True, quick: bool | None = None, long: bool | None = None) -> dict:
+             update_docs=(), progress: bool = True, quick: bool | None = None, long: bool | None = None,
+             overrides=()) -> dict:
     """Train, control and evaluate the one-shot demo; writes ``out_dir``; returns the results.
 
     preset: "quick" (a ~2 minute pipeline check), "full" or "long" (three seeds).
     split: "test", or "validation" (how the presets' settings were chosen).
-    seeds: override the preset's seeds (a list of ints)."""
+    seeds: override the preset's seeds (a list of ints).
+    overrides: config overrides ``["train.precision=bf16", ...]`` for every run, after the preset's
+        (the tables are then not the preset's: ``update_docs`` is refused with them)."""
     from ..inference.evaluation import evaluate
     from ..training.trainer import stage_schedule, train
     from ..training.config import load_config
@@ -190,6 +193,9 @@ def run_demo(out_dir="deepatlas_demo", *, preset: str = "full", split: str = "te
     if split not in ("test", "validation"):
         raise ValueError(f"run_demo: split must be 'test' or 'validation', got {split!r}")
     p = PRESETS[preset]
+    overrides = list(overrides)
+    if overrides and update_docs:
+        raise ValueError("run_demo: the documents hold the presets' tables; overrides change the preset")
     seeds = list(p["seeds"] if seeds is None else seeds)
     out = Path(out_dir)
     if any(out.glob("seed*/runs")):
@@ -197,7 +203,7 @@ def run_demo(out_dir="deepatlas_demo", *, preset: str = "full", split: str = "te
     out.mkdir(parents=True, exist_ok=True)
     data = _data(p["n_train"], p["n_test"], split)
     atlases = [e for e in data["training"] if "label" in e]
-    base = p["overrides"] + [f"train.steps.{k}={v}" for k, v in p["steps"].items()]
+    base = p["overrides"] + [f"train.steps.{k}={v}" for k, v in p["steps"].items()] + overrides
     # steps of each net in Semi-DA and DA: the controls continue their baselines as long
     cfg = load_config(None, base)
     da_sched = stage_schedule("da", cfg)
@@ -241,6 +247,7 @@ def run_demo(out_dir="deepatlas_demo", *, preset: str = "full", split: str = "te
             per_seed[-1]["oasis_b_1mm"] = _one_mm_check(runs["da"], evals["da"])
 
     results = _aggregate(per_seed, preset, split, control_steps, times, time.time() - t_start)
+    results["overrides"] = overrides
     _write_report(out, results, per_seed)
     update_doc_blocks(results, update_docs)
     results["report"] = str(out / "report" / "report.md")

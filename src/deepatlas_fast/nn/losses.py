@@ -235,5 +235,11 @@ class BendingEnergyLoss(_BatchLoss):
 
 
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[B, 1, ...] int labels -> [B, C, ...] float one-hot."""
-    return F.one_hot(labels[:, 0], num_classes).movedim(-1, 1).float()
+    """[B, 1, ...] int labels -> [B, C, ...] float one-hot (float32, contiguous)."""
+    if labels.dim() < 2 or labels.shape[1] != 1 or labels.is_floating_point():
+        raise ValueError(f"one_hot: labels must be integer [B, 1, ...], got {labels.dtype} {tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"one_hot: labels must be in [0, {num_classes}), found {labels.min().item()}..{labels.max().item()}")
+    # scattered straight into float32: no int64 one-hot volume, no conversion pass
+    out = torch.zeros(labels.shape[0], num_classes, *labels.shape[2:], device=labels.device)
+    return out.scatter_(1, labels.long(), 1.0)

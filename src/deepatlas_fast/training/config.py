@@ -14,6 +14,7 @@ import yaml
 
 from ..errors import ConfigError, ConfigKeyError
 from ..data import augment
+from ..nn.precision import PRECISIONS
 from .refine import RefineSettings
 
 STAGES = ("seg", "reg", "semi-da", "da", "all")
@@ -68,6 +69,7 @@ DEFAULTS = {
         "lr_schedule": "constant",  # "constant" | "cosine" | "step"
         "lr_step": 1000,         # period of the "step" schedule (x0.5)
         "weight_decay": 0.0,
+        "precision": "fp32",     # "fp32" | "bf16" (autocast; pays only where the CPU/GPU has bf16 units)
         "k_reg": 20,             # da: registration steps per cycle ...
         "k_seg": 1,              # ... then segmentation steps
         "semi_da_train": "seg",  # semi-da: the net that learns ("seg" or "reg"); the other is frozen
@@ -193,6 +195,8 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"model.seg_norm must be 'batch' or 'instance', got {m['seg_norm']!r}")
     if not isinstance(m["channels_last"], bool):
         raise ConfigError(f"model.channels_last must be true or false, got {m['channels_last']!r}")
+    if t["precision"] not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t['precision']!r}")
     if t["lr_schedule"] not in ("constant", "cosine", "step"):
         raise ConfigError(f"train.lr_schedule must be constant, cosine or step, got {t['lr_schedule']!r}")
     if t["semi_da_train"] not in ("seg", "reg"):

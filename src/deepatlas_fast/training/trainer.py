@@ -71,6 +71,7 @@ from ..data.io import LabelTable
 from ..data.augment import Augmenter, lr_axis_of, match_class_intensities
 from ..nn.losses import dice_loss, gradient_l2, lncc_loss, ncc_loss, one_hot, segmentation_loss
 from ..nn.nets import build_nets
+from ..nn.precision import autocast
 from ..ops import warp
 from ..data.preprocess import Preprocessing
 
@@ -185,11 +186,14 @@ class Trainer:
         loss = li + lo["lambda_r"] * lr
         logs = {"L_i": li.item(), "L_r": lr.item()}
         if lo["lambda_a"] > 0:
-            sm, st = self._seg_maps(m, lm, use_seg), self._seg_maps(t, lt, use_seg)
+            gamma = lo["anatomy_confidence"]
+            scaled = gamma > 0 and (lm is None or lt is None)
+            # manual target labels go to the Dice as integers (soft_dice reads them as one-hot)
+            sm = self._seg_maps(m, lm, use_seg)
+            st = lt if lt is not None and not scaled else self._seg_maps(t, lt, use_seg)
             if sm is not None and st is not None:
                 wm = warp(sm, disp)
-                gamma = lo["anatomy_confidence"]
-                if gamma > 0 and (lm is None or lt is None):
+                if scaled:
                     # trust F_S where it is sure: both maps scaled by the confidence of the
                     # unlabelled side(s), on the target grid
                     with torch.no_grad():
@@ -324,12 +328,13 @@ class Trainer:
             for k, net in self.nets.items():  # the frozen net runs in eval mode (BatchNorm stats fixed)
                 net.train(k == name)
             gen = _step_generator(cfg["seed"], stage, step)
-            if stage == "seg":
-                loss, logs = self.seg_pretrain_step(models[name], gen)
-            elif name == "reg":
-                loss, logs = self.reg_step(models[name], gen, use_seg=stage in ("semi-da", "da"))
-            else:
-                loss, logs = self.seg_step(models[name], gen)
+            with autocast(t["precision"], self.device):  # the backward runs outside, as autocast wants
+                if stage == "seg":
+                    loss, logs = self.seg_pretrain_step(models[name], gen)
+                elif name == "reg":
+                    loss, logs = self.reg_step(models[name], gen, use_seg=stage in ("semi-da", "da"))
+                else:
+                    loss, logs = self.seg_step(models[name], gen)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{stage} step {step}: loss is {loss.item()}; lower train.lr or check the data")
             opts[name].zero_grad(set_to_none=True)

@@ -38,6 +38,9 @@ def add_arguments(p):
                    help="replace the <!-- demo:PRESET:start/end --> block of FILE with the summary table")
     p.add_argument("--from-results", metavar="RESULTS_JSON",
                    help="train nothing: print and write (--update-doc) the table of a finished demo's results.json")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run, after the preset's (e.g. train.precision=bf16); "
+                        "not with --update-doc")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -55,8 +58,13 @@ def run(args) -> int:
         print(table)
         return 0
     preset = "quick" if args.quick else "long" if args.long else "full"
+    if args.set and args.update_doc:
+        raise DeepAtlasError("--set changes the preset, whose tables the documents hold: not with --update-doc")
+    if args.set:
+        from ...training.config import load_config
+        load_config(None, args.set)  # a bad key or value stops here, before any training
     res = run_demo(args.out, preset=preset, split=args.split, seeds=None if args.seeds is None else _seeds(args.seeds),
-                   update_docs=_checked_docs(args.update_doc, preset), progress=not args.no_progress)
+                   update_docs=_checked_docs(args.update_doc, preset), progress=not args.no_progress, overrides=args.set)
     print("\n" + summary_table(res))
     print(f"\nreport: {res['report']} ({res['total_seconds'] / 60:.1f} min)")
     return 0
