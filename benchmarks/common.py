@@ -244,8 +244,9 @@ SECTIONS = {
     "bench_step": ("Training steps", "One DeepAtlas registration step and one segmentation step (forward, "
                    "losses, backward, Adam step; default nets, 28 classes, batch 1) against the same nets "
                    "with VoxelMorph's `grid_sample` transformer, MONAI's LNCC and Dice losses and torch's "
-                   "cross-entropy in PyTorch's default memory format; beside them, our step with PyTorch's "
-                   "own choice of convolution kernel (no slab convolutions) and our step under bf16 "
+                   "cross-entropy in PyTorch's default memory format; beside them, our step with plain layers "
+                   "(PyTorch's own convolution and batch-norm kernels, one-hot Dice targets: the step "
+                   "before the slab convolutions and the channels-last batch norm) and our step under bf16 "
                    "autocast (`train.precision: bf16`); then each part of a step timed alone (see "
                    "`benchmarks/bench_step.py`). Peak memory for the whole steps only."),
     "bench_onnx": ("ONNX Runtime vs PyTorch eager", "The exported models (see [deployment](deployment.md)) in "

@@ -196,10 +196,12 @@ class BatchNorm3d(nn.BatchNorm3d):
     per element (forward and backward). PyTorch's own channels-last kernel is several times
     slower than that for the few channels of F_S's full-resolution level. The same
     statistics, running-stat updates and gradients (to float32 rounding); elsewhere (eval,
-    other dtypes and layouts, tracing) nn.BatchNorm3d's forward."""
+    other dtypes and layouts, tracing) nn.BatchNorm3d's forward. ``rows = False`` turns it off."""
+
+    rows = True
 
     def forward(self, x):
-        if not (self.training and self.track_running_stats and self.momentum is not None and self.affine
+        if not (self.rows and self.training and self.track_running_stats and self.momentum is not None and self.affine
                 and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
                 and x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4] > 1 and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last_3d)
