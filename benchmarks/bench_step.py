@@ -98,36 +98,36 @@ def _precision(kind):
     return autocast("bf16" if kind == "bf16" else "fp32", "cpu")
 
 
+def _train_step(kind: str, net, loss):
+    """One step: loss() under the kind's precision, backward, Adam."""
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+    def run():
+        with _precision(kind):
+            value = loss()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+    return run
+
+
 def reg_step(kind: str, shape):
     reg, _ = _nets(kind)
     ops = _Ops(kind, shape)
     m, t, lm, lt = _data(shape)
-    opt = torch.optim.Adam(reg.parameters(), lr=1e-4)
 
-    def run():
-        with _precision(kind):
-            u = reg(m, t)
-            loss = (ops.similarity(ops.warp(m, u), t) + ops.regulariser(u)
-                    + ops.anatomy(ops.warp(ops.one_hot(lm), u), ops.target(lt)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return run
+    def loss():
+        u = reg(m, t)
+        return (ops.similarity(ops.warp(m, u), t) + ops.regulariser(u)
+                + ops.anatomy(ops.warp(ops.one_hot(lm), u), ops.target(lt)))
+    return _train_step(kind, reg, loss)
 
 
 def seg_step(kind: str, shape):
     _, seg = _nets(kind)
     ops = _Ops(kind, shape)
     m, _, lm, _ = _data(shape)
-    opt = torch.optim.Adam(seg.parameters(), lr=1e-4)
-
-    def run():
-        with _precision(kind):
-            loss = ops.supervised(seg(m), lm)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return run
+    return _train_step(kind, seg, lambda: ops.supervised(seg(m), lm))
 
 
 # ---- the parts of a step, each timed alone (forward + backward)

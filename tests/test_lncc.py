@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import deepatlas_fast as da
 from _devices import DEVICES, assert_one_device, devices_and_dtypes
+from _layouts import relayout
 from reference import lncc_reference
 
 
@@ -163,17 +164,6 @@ def test_reduced_precision_matches_the_reference_on_the_rounded_inputs(case, dty
         assert o.dtype == dtype
         ring = (f.double() - r).abs().max().item()
         torch.testing.assert_close(o.double(), r, rtol=rtol, atol=ring + subnormal)
-
-
-def relayout(t, layout):
-    """t's values in another memory layout."""
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last_3d)
-    if layout == "sliced":  # every other element of a wider tensor along W
-        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    return t.permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)  # "permuted"
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "permuted"])

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import deepatlas_fast as da
 from _devices import DEVICES, assert_one_device
 from _simd import DICE_LEVELS
+from _layouts import relayout
 from reference import soft_dice_reference, soft_dice_sums_reference
 
 
@@ -143,25 +144,6 @@ def test_reduced_precision_matches_the_reference_on_the_rounded_inputs(case, dty
         if r is not None:
             assert o.dtype == dtype
             torch.testing.assert_close(o.double(), r, rtol=rtol, atol=1e-5)
-
-
-def relayout(t, layout):
-    """t's values in another memory layout."""
-    if layout == "channels_last":  # class-minor
-        return t.contiguous(memory_format=torch.channels_last_3d if t.dim() == 5 else torch.channels_last)
-    if layout == "sliced":  # every other element of a wider tensor along the last dim
-        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    if layout == "spatial_sliced":  # every other element along the first spatial dim
-        wide = torch.zeros(*t.shape[:2], 2 * t.shape[2], *t.shape[3:], dtype=t.dtype)
-        wide[:, :, ::2] = t
-        return wide[:, :, ::2]
-    if layout == "class_sliced":  # every other class of a tensor with twice as many
-        wide = torch.zeros(t.shape[0], 2 * t.shape[1], *t.shape[2:], dtype=t.dtype)
-        wide[:, ::2] = t
-        return wide[:, ::2]
-    return t.transpose(2, -1).contiguous().transpose(2, -1)  # "permuted"
 
 
 @pytest.mark.parametrize("spatial", [(5, 6, 7), (9, 300)])  # channels_last_3d, channels_last

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 import deepatlas_fast as da
 from _devices import DEVICES, assert_one_device, devices_and_dtypes
 from _simd import SCALAR, WARP_LEVELS, WARP_SIMD_LEVELS, at_simd_level
+from _layouts import relayout
 from reference import warp_reference
 
 MODES = ["linear", "nearest"]
@@ -314,17 +315,6 @@ def test_reduced_precision_matches_the_reference_on_the_rounded_inputs(case, dty
     for o, r in zip(ours, theirs):
         assert o.dtype == dtype
         torch.testing.assert_close(o.double(), r, rtol=rtol, atol=1e-5)
-
-
-def relayout(t, layout):
-    """t's values in another memory layout."""
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last_3d)
-    if layout == "sliced":  # every other element of a wider tensor along W
-        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    return t.transpose(2, 4).contiguous().transpose(2, 4)  # "permuted"
 
 
 @pytest.mark.parametrize("c", [1, 3])

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/cpu_memory.h"
@@ -231,6 +232,14 @@ void sums_impl(const Geometry& g, const Inputs<scalar_t>& in, double* partial, s
     const bool target_buffer = !g.labels && !in_place<scalar_t, acc_t>(in.ts);
     std::vector<acc_t> p(probs_buffer ? C * n : 0), t(target_buffer ? C * n : 0), tmp(2 * n);
     std::vector<int32_t> labels(g.labels ? n : 0);
+    // (chunk pointer, class stride) a gradient is computed into: the output itself, or its buffer
+    auto destination = [&](bool buffered, std::vector<acc_t>& buffer, scalar_t* grad,
+                           const View3& s) -> std::pair<acc_t*, int64_t> {
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {
+        if (!buffered) return {grad + b * s.b + v0 * s.v, s.c};
+      }
+      return {buffer.data(), n};
+    };
     int64_t ps, ts = 0;
     const acc_t* p0 = chunk_probs(g, in.probs_at(b, v0), in.ps, n, p.data(), tmp.data(), &ps);
     double* out = partial + task * C * 3;
@@ -317,6 +326,14 @@ void backward_impl(const Geometry& g, const at::Tensor& grad_sums, const Inputs<
     std::vector<acc_t> p(probs_buffer ? C * n : 0), t(target_buffer ? C * n : 0), tmp(2 * n);
     std::vector<acc_t> gpb(gp_buffer ? C * n : 0), gtb(gt_buffer ? C * n : 0);
     std::vector<int32_t> labels(g.labels ? n : 0);
+    // (chunk pointer, class stride) a gradient is computed into: the output itself, or its buffer
+    auto destination = [&](bool buffered, std::vector<acc_t>& buffer, scalar_t* grad,
+                           const View3& s) -> std::pair<acc_t*, int64_t> {
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {
+        if (!buffered) return {grad + b * s.b + v0 * s.v, s.c};
+      }
+      return {buffer.data(), n};
+    };
     int64_t ps, ts = 0;
     const acc_t* p0 = chunk_probs(g, in.probs_at(b, v0), in.ps, n, p.data(), tmp.data(), &ps);
     std::vector<acc_t> gb_acc(C * 3);
@@ -328,14 +345,7 @@ void backward_impl(const Geometry& g, const at::Tensor& grad_sums, const Inputs<
     if (gp_out) {
       // dL/dp_c = gI_c t_c + gP_c (recomputed where needed rather than stored);
       // through the softmax dL/dz_c = p_c (dL/dp_c - sum_k p_k dL/dp_k).
-      acc_t* out;
-      int64_t os;
-      if constexpr (std::is_same<scalar_t, acc_t>::value) {
-        out = gp_buffer ? gpb.data() : gp_out + b * gps.b + v0 * gps.v;
-        os = gp_buffer ? n : gps.c;
-      } else {
-        out = gpb.data(), os = n;
-      }
+      const auto [out, os] = destination(gp_buffer, gpb, gp_out, gps);
       acc_t* dot = tmp.data();
       if (g.from_logits) std::fill_n(dot, n, acc_t(0));
       for (int pass = g.from_logits ? 0 : 1; pass < 2; ++pass) {
@@ -369,14 +379,7 @@ void backward_impl(const Geometry& g, const at::Tensor& grad_sums, const Inputs<
       if (gp_buffer) store_chunk(gpb.data(), C, n, gp_out + b * gps.b + v0 * gps.v, gps);
     }
     if (gt_out) {  // dL/dt_c = gI_c p_c + gT_c
-      acc_t* out;
-      int64_t os;
-      if constexpr (std::is_same<scalar_t, acc_t>::value) {
-        out = gt_buffer ? gtb.data() : gt_out + b * gts.b + v0 * gts.v;
-        os = gt_buffer ? n : gts.c;
-      } else {
-        out = gtb.data(), os = n;
-      }
+      const auto [out, os] = destination(gt_buffer, gtb, gt_out, gts);
       for (int64_t c = 0; c < C; ++c) {
         const acc_t gi = gb[c * 3], gtc = gb[c * 3 + 2];
         acc_t* oc = out + c * os;
