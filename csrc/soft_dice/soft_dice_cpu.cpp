@@ -232,14 +232,6 @@ void sums_impl(const Geometry& g, const Inputs<scalar_t>& in, double* partial, s
     const bool target_buffer = !g.labels && !in_place<scalar_t, acc_t>(in.ts);
     std::vector<acc_t> p(probs_buffer ? C * n : 0), t(target_buffer ? C * n : 0), tmp(2 * n);
     std::vector<int32_t> labels(g.labels ? n : 0);
-    // (chunk pointer, class stride) a gradient is computed into: the output itself, or its buffer
-    auto destination = [&](bool buffered, std::vector<acc_t>& buffer, scalar_t* grad,
-                           const View3& s) -> std::pair<acc_t*, int64_t> {
-      if constexpr (std::is_same<scalar_t, acc_t>::value) {
-        if (!buffered) return {grad + b * s.b + v0 * s.v, s.c};
-      }
-      return {buffer.data(), n};
-    };
     int64_t ps, ts = 0;
     const acc_t* p0 = chunk_probs(g, in.probs_at(b, v0), in.ps, n, p.data(), tmp.data(), &ps);
     double* out = partial + task * C * 3;
