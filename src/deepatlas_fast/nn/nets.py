@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import warp
+from ..ops._library import traced
 
 
 class _ChannelsLast:
@@ -119,8 +120,7 @@ def _slabs_pay(x, conv) -> bool:
             and x.shape[1] * x.shape[2] * x.shape[3] <= _NATIVE_CONV_LIMIT and x.shape[2] >= 8
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu")  # (bf16 convolutions take oneDNN anyway)
-            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
-            and not torch.compiler.is_compiling())
+            and not traced())
 
 
 def _conv(cin, cout, stride=1):
@@ -204,9 +204,7 @@ class BatchNorm3d(nn.BatchNorm3d):
         if not (self.rows and self.training and self.track_running_stats and self.momentum is not None and self.affine
                 and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
                 and x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4] > 1 and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last_3d)
-                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
-                and not torch.compiler.is_compiling()):
+                and x.is_contiguous(memory_format=torch.channels_last_3d) and not traced()):
             return super().forward(x)
         y, mean, var = _ChannelsLastBatchNorm.apply(x, self.weight, self.bias, self.eps)
         with torch.no_grad():

@@ -43,6 +43,12 @@ def empty_in_format_of(like: torch.Tensor, shape, dtype: torch.dtype | None = No
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
 
+def traced() -> bool:
+    """Inside torch.compile, torch.jit tracing or ONNX export: graphs that keep the plain ops
+    (eager-only CPU shortcuts switch themselves off)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def functorch_active() -> bool:
     """Inside torch.func.grad / vjp / jacrev / vmap."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)

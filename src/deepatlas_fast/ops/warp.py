@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ._library import check_one_device, empty_in_format_of, for_transforms, functorch_active, merge_batch_vmap, ops
+from ._library import (check_one_device, empty_in_format_of, for_transforms, functorch_active, merge_batch_vmap, ops,
+                       traced)
 
 MODES = ("linear", "nearest")
 PADDINGS = ("zeros", "border")
@@ -58,9 +59,7 @@ def _saves_loc_grad(image, disp, mode) -> bool:
     is grad_out * loc_grad. Traced calls (torch.compile, export, ONNX) keep the plain op."""
     return (mode == "linear" and torch.is_grad_enabled() and disp.requires_grad
             and image.dim() == 5 and image.shape[1] == 1
-            and image.device.type == "cpu" and disp.device.type == "cpu"
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not torch.onnx.is_in_onnx_export())
+            and image.device.type == "cpu" and disp.device.type == "cpu" and not traced())
 
 
 class _WarpSavingLocGrad(torch.autograd.Function):
